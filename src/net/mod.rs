@@ -1,0 +1,288 @@
+//! Transport seam: the same servers and clients over `tokio::net` (real
+//! sockets) or `turmoil::net` (the simulated network).
+//!
+//! # Brief overview
+//! - [`Transport`] picks the network.
+//! - [`Listener`] and [`Stream`] wrap either kind of socket; [`serve`] runs
+//!   an axum `Router` on a listener with hyper's HTTP/1 server.
+//! - [`Connector`] is a hyper-util connector, so the proxy's upstream client
+//!   connects over either network.
+//!
+//! Architecture Invariant: nothing outside this module names `turmoil::net`
+//! or `tokio::net`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Which network the sockets live on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Real sockets (`tavernsim serve`, `probe`, `bench`).
+    Tokio,
+    /// The simulated network of a turmoil world.
+    Turmoil,
+}
+
+/// A bound listener on either network.
+pub enum Listener {
+    Tokio(tokio::net::TcpListener),
+    Turmoil(turmoil::net::TcpListener),
+}
+
+impl Listener {
+    pub async fn bind(transport: Transport, addr: SocketAddr) -> io::Result<Self> {
+        match transport {
+            Transport::Tokio => Ok(Self::Tokio(tokio::net::TcpListener::bind(addr).await?)),
+            Transport::Turmoil => Ok(Self::Turmoil(turmoil::net::TcpListener::bind(addr).await?)),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Self::Tokio(l) => l.local_addr(),
+            Self::Turmoil(l) => l.local_addr(),
+        }
+    }
+
+    pub async fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
+        match self {
+            Self::Tokio(l) => {
+                let (s, a) = l.accept().await?;
+                // Small JSON exchanges: Nagle only adds latency.
+                let _ = s.set_nodelay(true);
+                Ok((Stream::Tokio(s), a))
+            }
+            Self::Turmoil(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((Stream::Turmoil(s), a))
+            }
+        }
+    }
+}
+
+/// A connected byte stream on either network.
+pub enum Stream {
+    Tokio(tokio::net::TcpStream),
+    Turmoil(turmoil::net::TcpStream),
+}
+
+impl Stream {
+    /// Connects to `host:port`; in the simulation `host` is a turmoil host name.
+    pub async fn connect(transport: Transport, host: &str, port: u16) -> io::Result<Self> {
+        match transport {
+            Transport::Tokio => {
+                let s = tokio::net::TcpStream::connect((host, port)).await?;
+                let _ = s.set_nodelay(true);
+                Ok(Self::Tokio(s))
+            }
+            Transport::Turmoil => Ok(Self::Turmoil(
+                turmoil::net::TcpStream::connect((host, port)).await?,
+            )),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tokio(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Turmoil(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tokio(s) => Pin::new(s).poll_write(cx, b),
+            Self::Turmoil(s) => Pin::new(s).poll_write(cx, b),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tokio(s) => Pin::new(s).poll_flush(cx),
+            Self::Turmoil(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tokio(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Turmoil(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Bounds on what one HTTP/1 connection may cost the server.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// A client that has not sent a whole request head by then is dropped.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (request line and headers) accepted.
+    pub header_bytes_max: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            header_bytes_max: 64 * 1024,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until the listener fails.
+///
+/// Each connection runs in its own task. When a client goes away, hyper
+/// drops the request's handler future; the proxy's cancellation rides on
+/// that drop.
+pub async fn serve(listener: Listener, app: Router, limits: ServeLimits) -> io::Result<()> {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(x) => x,
+            // Out of descriptors or a reset before accept: keep serving.
+            Err(e) if is_transient_accept_error(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+                .max_buf_size(limits.header_bytes_max.max(8192));
+            // A connection error is the client's business, not the server's.
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || e.raw_os_error() == Some(24) // EMFILE: too many open files
+}
+
+/// A stream handed to hyper-util's client: hyper's IO traits plus
+/// [`Connection`], and an optional hook run when the connection closes.
+pub struct ClientIo {
+    io: TokioIo<Stream>,
+    on_close: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_close.take() {
+            f();
+        }
+    }
+}
+
+impl Connection for ClientIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for ClientIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, b)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Hooks a connector calls as connections open and close (the harness
+/// counts open upstream connections through them).
+pub trait ConnObserver: Send + Sync + 'static {
+    fn opened(&self, host: &str);
+    fn closed(&self, host: &str);
+}
+
+/// hyper-util connector over either network.
+#[derive(Clone)]
+pub struct Connector {
+    transport: Transport,
+    observer: Option<std::sync::Arc<dyn ConnObserver>>,
+}
+
+impl Connector {
+    pub fn new(transport: Transport) -> Self {
+        Self {
+            transport,
+            observer: None,
+        }
+    }
+
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn ConnObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = ClientIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<ClientIo>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let transport = self.transport;
+        let observer = self.observer.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "upstream URL has no host"))?
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let stream = Stream::connect(transport, &host, port).await?;
+            let on_close: Option<Box<dyn FnOnce() + Send + Sync>> = observer.map(|o| {
+                o.opened(&host);
+                Box::new(move || o.closed(&host)) as Box<dyn FnOnce() + Send + Sync>
+            });
+            Ok(ClientIo {
+                io: TokioIo::new(stream),
+                on_close,
+            })
+        })
+    }
+}

@@ -1,0 +1,131 @@
+//! One upstream attempt: the HTTP client, bounded body reads, and the
+//! streaming passthrough body that owns its request's guard.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::events;
+use crate::net::{ConnObserver, Connector, Transport};
+
+/// The proxy's upstream HTTP client, over either network.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<Connector, Full<Bytes>>,
+    /// `…/v1/chat/completions` on the configured upstream.
+    completions: Uri,
+    key: Option<String>,
+}
+
+/// Counts open upstream connections as events (for the `leak` check).
+struct ConnEvents;
+
+impl ConnObserver for ConnEvents {
+    fn opened(&self, _host: &str) {
+        events::upstream_conn(true);
+    }
+    fn closed(&self, _host: &str) {
+        events::upstream_conn(false);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("could not reach the upstream: {0}")]
+    Connect(String),
+    #[error("the upstream's answer was larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the upstream's answer broke off: {0}")]
+    Body(String),
+}
+
+impl Upstream {
+    /// `base` is the upstream's API root, e.g. `http://127.0.0.1:9000/v1`.
+    pub fn new(transport: Transport, base: &str, key: Option<String>, idle_per_host_max: usize) -> anyhow::Result<Self> {
+        let completions: Uri = format!("{}/chat/completions", base.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| anyhow::anyhow!("upstream URL '{base}' is not a valid URL ({e}); give one like http://127.0.0.1:9000/v1"))?;
+        if completions.scheme_str() != Some("http") {
+            anyhow::bail!("upstream URL '{base}' must start with http:// (TLS is left to a fronting proxy)");
+        }
+        let connector = Connector::new(transport).with_observer(Arc::new(ConnEvents));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_max_idle_per_host(idle_per_host_max)
+            .build(connector);
+        Ok(Self { client, completions, key })
+    }
+
+    /// Sends one chat-completions request; resolves when the head arrives.
+    pub async fn send(&self, body: Bytes, user_key: Option<&str>) -> Result<Response<Incoming>, ForwardError> {
+        let mut req = Request::post(self.completions.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json, text/event-stream");
+        if let Some(key) = user_key.or(self.key.as_deref()) {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| ForwardError::Connect(e.to_string()))?;
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| ForwardError::Connect(error_chain(&e)))
+    }
+}
+
+/// Reads a whole body, at most `bytes_max` of it.
+pub async fn read_body(body: Incoming, bytes_max: usize) -> Result<Bytes, ForwardError> {
+    match Limited::new(body, bytes_max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ForwardError::TooLarge(bytes_max)),
+        Err(e) => Err(ForwardError::Body(e.to_string())),
+    }
+}
+
+/// A streaming body that forwards `upstream` and keeps `owner` alive until
+/// the stream ends or the client goes away (hyper drops the body then),
+/// then runs `on_end` if the stream ended normally.
+pub fn passthrough<G: Send + 'static>(upstream: Incoming, owner: G, on_end: impl FnOnce(&G) + Send + 'static) -> Body {
+    struct State<G, F> {
+        upstream: Incoming,
+        owner: G,
+        on_end: Option<F>,
+    }
+    let state = State { upstream, owner, on_end: Some(on_end) };
+    let stream = futures::stream::unfold(state, |mut s| async move {
+        loop {
+            match s.upstream.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => return Some((Ok::<Bytes, hyper::Error>(data), s)),
+                    Err(_trailers) => continue,
+                },
+                Some(Err(e)) => return Some((Err(e), s)),
+                None => {
+                    if let Some(f) = s.on_end.take() {
+                        f(&s.owner);
+                    }
+                    return None;
+                }
+            }
+        }
+    });
+    Body::from_stream(stream)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

@@ -1,0 +1,383 @@
+//! The system under test: a multi-user, OpenAI-compatible proxy.
+//!
+//! # Brief overview
+//! - [`ProxyConfig`] and [`ProxyState`]; [`app`] builds the axum `Router`
+//!   that `serve` and the simulation both run.
+//! - Routes: `POST /api/users/login`, `POST /api/users/logout`,
+//!   `GET /api/users/me`, `POST /api/backends/chat-completions/generate`
+//!   (SillyTavern's shape, cookie session), `POST /v1/chat/completions`
+//!   (OpenAI's shape, bearer token), `GET /health`. Both generation routes
+//!   go through one core, [`generate`], which admits the request into the
+//!   [`requests::RequestTable`] and runs the configured [`Variant`].
+//!
+//! Architecture Invariant: `proxy/` knows nothing about turmoil. Time comes
+//! from tokio and the injected [`Clock`], randomness from a seeded
+//! generator.
+
+pub mod classify;
+pub mod error;
+pub mod fixed;
+pub mod forward;
+pub mod requests;
+pub mod retry;
+pub mod session;
+pub mod sillytavern;
+pub mod users;
+pub mod variant;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use error::ProxyError;
+pub use retry::RetryPolicy;
+pub use variant::Variant;
+
+use crate::upstream::fingerprint;
+use requests::{RequestGuard, RequestMeta, RequestTable};
+use session::{Session, SessionSecret};
+use users::UserStore;
+
+/// Everything the proxy is configured with, bar users and secrets.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Which proxy runs (testing only for anything but `fixed`).
+    #[serde(skip)]
+    pub variant: Variant,
+    /// The upstream API root, e.g. `http://127.0.0.1:9000/v1`.
+    pub upstream_url: String,
+    /// Shared upstream key, used when a user has none of their own.
+    pub upstream_key: Option<String>,
+    pub retry: RetryPolicy,
+    /// Requests in flight over all users.
+    pub requests_max: usize,
+    /// Largest client request body.
+    pub body_bytes_max: usize,
+    /// Largest non-streamed upstream answer the proxy reads.
+    pub upstream_body_bytes_max: usize,
+    /// A session cookie expires this long after login.
+    pub session_max_age_s: u64,
+    /// Idle upstream connections kept per host (0: close after each answer).
+    pub upstream_idle_per_host_max: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            variant: Variant::Fixed,
+            upstream_url: "http://127.0.0.1:9000/v1".into(),
+            upstream_key: None,
+            retry: RetryPolicy::default(),
+            requests_max: 4_096,
+            body_bytes_max: 2 * 1024 * 1024,
+            upstream_body_bytes_max: 8 * 1024 * 1024,
+            session_max_age_s: 7 * 24 * 3600,
+            upstream_idle_per_host_max: 32,
+        }
+    }
+}
+
+/// Where "now" comes from: the system clock for a real proxy, the
+/// simulation's clock in a world.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Self(Arc::new(SystemTime::now))
+    }
+    pub fn from_fn(f: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+    pub fn now(&self) -> SystemTime {
+        (self.0)()
+    }
+    pub fn now_s(&self) -> u64 {
+        self.now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+    }
+}
+
+/// What the process does when an error nothing handles ends it (only the
+/// SillyTavern 1.12.7 variant has such a path).
+#[derive(Clone)]
+pub struct ExitHook(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl ExitHook {
+    /// Exits the real process, as Node's uncaught-exception handler does.
+    pub fn process() -> Self {
+        Self(Arc::new(|reason: &str| {
+            eprintln!("tavernsim: {reason}");
+            std::process::exit(70);
+        }))
+    }
+    pub fn from_fn(f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+    pub fn exit(&self, reason: &str) {
+        (self.0)(reason)
+    }
+}
+
+/// Shared state of one proxy process.
+pub struct ProxyState {
+    pub cfg: ProxyConfig,
+    pub users: RwLock<UserStore>,
+    pub secret: SessionSecret,
+    pub table: Arc<RequestTable>,
+    pub upstream: forward::Upstream,
+    pub rng: Mutex<ChaCha8Rng>,
+    pub clock: Clock,
+    pub exit: ExitHook,
+    sessions_issued: AtomicU64,
+}
+
+impl ProxyState {
+    pub fn new(
+        cfg: ProxyConfig,
+        users: UserStore,
+        secret: SessionSecret,
+        upstream: forward::Upstream,
+        seed: u64,
+        clock: Clock,
+        exit: ExitHook,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            table: RequestTable::new(cfg.requests_max),
+            cfg,
+            users: RwLock::new(users),
+            secret,
+            upstream,
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+            clock,
+            exit,
+            sessions_issued: AtomicU64::new(0),
+        })
+    }
+
+    pub fn with_rng<R>(&self, f: impl FnOnce(&mut ChaCha8Rng) -> R) -> R {
+        f(&mut self.rng.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn users(&self) -> std::sync::RwLockReadGuard<'_, UserStore> {
+        self.users.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The proxy's routes.
+pub fn app(state: Arc<ProxyState>) -> Router {
+    let body_max = state.cfg.body_bytes_max;
+    Router::new()
+        .route("/api/users/login", post(login))
+        .route("/api/users/logout", post(logout))
+        .route("/api/users/me", get(me))
+        .route("/api/backends/chat-completions/generate", post(generate_sillytavern))
+        .route("/v1/chat/completions", post(generate_openai))
+        .route("/health", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(state)
+}
+
+/// Who is asking.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub handle: String,
+    pub session_id: u64,
+    pub upstream_key: Option<String>,
+}
+
+/// How the caller wants errors answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// `/v1`: OpenAI-shaped errors with the upstream's status.
+    OpenAi,
+    /// SillyTavern's route: HTTP 200 with `{"error":{"message"},"quota_error"}`.
+    SillyTavern,
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    handle: String,
+    #[serde(default)]
+    password: String,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProxyError> {
+    serde_json::from_slice(body).map_err(|e| ProxyError::BadRequest(format!("request body is not valid JSON for this route: {e}")))
+}
+
+async fn login(State(state): State<Arc<ProxyState>>, body: Bytes) -> Result<Response, ProxyError> {
+    let LoginBody { handle, password } = parse_json(&body)?;
+    let user = {
+        let users = state.users();
+        users
+            .verify_password(&handle, &password)
+            .map(|u| u.handle.clone())
+            .map_err(|e| ProxyError::Forbidden(format!("login failed: {e}")))?
+    };
+    let n = state.sessions_issued.fetch_add(1, Ordering::Relaxed);
+    let session_id = state.with_rng(|r| r.random::<u64>()) ^ n;
+    let session = Session {
+        handle: user.clone(),
+        session_id,
+        issued_at_s: state.clock.now_s(),
+    };
+    let cookie = session::sign(&state.secret, &session);
+    let mut resp = Json(json!({"handle": user})).into_response();
+    if let Ok(v) = HeaderValue::from_str(&session::set_cookie_header(&cookie, state.cfg.session_max_age_s)) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+async fn logout(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Result<Response, ProxyError> {
+    let who = principal_from_cookie(&state, &headers)?;
+    let cancelled = state
+        .table
+        .cancel_where("logout", |m| m.user == who.handle && m.session_id == who.session_id);
+    let mut resp = Json(json!({"ok": true, "cancelled": cancelled})).into_response();
+    if let Ok(v) = HeaderValue::from_str(&session::clear_cookie_header()) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+async fn me(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Result<Response, ProxyError> {
+    let who = principal_from_cookie(&state, &headers)?;
+    Ok(Json(json!({"handle": who.handle})).into_response())
+}
+
+/// Re-reads the user on every request, like SillyTavern: a deleted or
+/// disabled user's cookie stops working at once.
+fn principal_from_cookie(state: &ProxyState, headers: &HeaderMap) -> Result<Principal, ProxyError> {
+    let value = session::cookie_value(headers).ok_or(ProxyError::Unauthorized)?;
+    let s = session::verify(&state.secret, value, state.clock.now_s(), state.cfg.session_max_age_s)
+        .map_err(|_| ProxyError::Unauthorized)?;
+    let users = state.users();
+    let user = users.get(&s.handle).ok_or(ProxyError::Unauthorized)?;
+    if !user.enabled {
+        return Err(ProxyError::Forbidden(format!("user '{}' is disabled; ask an admin", user.handle)));
+    }
+    Ok(Principal {
+        handle: user.handle.clone(),
+        session_id: s.session_id,
+        upstream_key: user.upstream_key.clone(),
+    })
+}
+
+fn principal_from_bearer(state: &ProxyState, headers: &HeaderMap) -> Result<Principal, ProxyError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ProxyError::Unauthorized)?;
+    let users = state.users();
+    let user = users.user_for_token(token.trim()).ok_or(ProxyError::Unauthorized)?;
+    Ok(Principal {
+        handle: user.handle.clone(),
+        session_id: 0,
+        upstream_key: user.upstream_key.clone(),
+    })
+}
+
+async fn generate_sillytavern(State(state): State<Arc<ProxyState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let who = match principal_from_cookie(&state, &headers) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match sillytavern_to_openai(&body) {
+        Ok(req) => generate(state, who, req, Dialect::SillyTavern).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn generate_openai(State(state): State<Arc<ProxyState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let who = match principal_from_bearer(&state, &headers) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match parse_json::<Value>(&body).and_then(check_openai_request) {
+        Ok(req) => generate(state, who, req, Dialect::OpenAi).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// SillyTavern's generate body carries the OpenAI fields plus its own
+/// (`chat_completion_source`, `custom_url`, ...): keep the OpenAI ones.
+fn sillytavern_to_openai(body: &[u8]) -> Result<Value, ProxyError> {
+    let v: Value = parse_json(body)?;
+    let Some(obj) = v.as_object() else {
+        return Err(ProxyError::BadRequest("request body must be a JSON object".into()));
+    };
+    let mut out = serde_json::Map::new();
+    for field in ["model", "messages", "stream", "temperature", "max_tokens", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed"] {
+        if let Some(x) = obj.get(field) {
+            out.insert(field.into(), x.clone());
+        }
+    }
+    check_openai_request(Value::Object(out))
+}
+
+fn check_openai_request(v: Value) -> Result<Value, ProxyError> {
+    let messages = v.get("messages").and_then(Value::as_array);
+    if messages.is_none_or(|m| m.is_empty()) {
+        return Err(ProxyError::BadRequest("'messages' must be a non-empty array".into()));
+    }
+    if v.get("stream").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
+        return Err(ProxyError::BadRequest("'stream' must be true or false".into()));
+    }
+    Ok(v)
+}
+
+/// The one generation core both routes go through.
+pub async fn generate(state: Arc<ProxyState>, who: Principal, mut req: Value, dialect: Dialect) -> Response {
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let meta = RequestMeta {
+        user: who.handle.clone(),
+        session_id: who.session_id,
+        fingerprint: fingerprint(req.get("messages").unwrap_or(&Value::Null)),
+        stream,
+    };
+    let guard = match state.table.admit(meta) {
+        Ok(g) => g,
+        Err(full) => return ProxyError::Busy(full.to_string()).into_response(),
+    };
+    if let Some(obj) = req.as_object_mut() {
+        obj.insert("user".into(), Value::String(who.handle.clone()));
+        obj.entry("model").or_insert_with(|| Value::String("mock-1".into()));
+    }
+    let upstream_body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
+    let job = Job {
+        state,
+        guard,
+        body: upstream_body,
+        stream,
+        dialect,
+        user_key: who.upstream_key,
+    };
+    match job.state.cfg.variant {
+        Variant::Fixed => fixed::run(job).await,
+        Variant::SillyTavern1126 | Variant::SillyTavern1127 => sillytavern::run(job).await,
+    }
+}
+
+/// One admitted generation, handed to a variant.
+pub struct Job {
+    pub state: Arc<ProxyState>,
+    pub guard: RequestGuard,
+    pub body: Bytes,
+    pub stream: bool,
+    pub dialect: Dialect,
+    pub user_key: Option<String>,
+}

@@ -1,0 +1,17 @@
+//! The harness: scenarios, simulated worlds, browsers, the trace and the
+//! oracle, and campaigns over many seeds.
+//!
+//! # Brief overview
+//! - [`scenario::Scenario`]: a workload, loaded from `sims/*.toml`.
+//! - [`world::run_world`]: one seed, one turmoil world, one verdict.
+//! - [`browser`]: the tab actor that refreshes during retries.
+//! - [`trace`]: the tracing layer that records a world's events.
+//! - [`oracle`]: the invariants, judged from the events alone.
+//! - [`campaign`]: many seeds over all cores, with progress and a report.
+
+pub mod browser;
+pub mod campaign;
+pub mod oracle;
+pub mod scenario;
+pub mod trace;
+pub mod world;

@@ -1,0 +1,254 @@
+//! The oracle: invariants checked over one world's events.
+//!
+//! Architecture Invariant: the oracle reads only the trace
+//! ([`super::trace::Event`]), never the proxy's memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::trace::{Event, Live};
+
+/// Every invariant, by the name reports use.
+pub const INVARIANTS: &[&str] = &[
+    "stale-access",
+    "write-after-release",
+    "attempt-after-cancel",
+    "cross-user-delivery",
+    "proxy-crash",
+    "leak",
+];
+
+/// One broken invariant.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub message: String,
+    /// Simulated time of the first event that broke it.
+    pub t_us: u64,
+    /// How many events broke it in this world.
+    pub count: u64,
+}
+
+/// How a world ended, as the oracle needs to know it.
+#[derive(Clone, Copy, Debug)]
+pub struct Ending {
+    /// The proxy host was taken down.
+    pub crashed: bool,
+    /// Live counts when the world stopped.
+    pub live: Live,
+    /// The world reached quiescence (or crashed) before its time bound.
+    pub quiescent: bool,
+}
+
+#[derive(Default)]
+struct Walk {
+    /// key -> (user, fingerprint) for every admitted request.
+    admitted: BTreeMap<u64, (String, String)>,
+    released: BTreeSet<u64>,
+    /// fingerprint -> time the client left (tab refresh) or was cancelled.
+    cancelled_at: BTreeMap<String, u64>,
+    /// fingerprint -> user who sent it.
+    owner: BTreeMap<String, String>,
+    found: BTreeMap<&'static str, Violation>,
+}
+
+impl Walk {
+    fn report(&mut self, invariant: &'static str, t_us: u64, message: impl FnOnce() -> String) {
+        self.found
+            .entry(invariant)
+            .and_modify(|v| v.count += 1)
+            .or_insert_with(|| Violation { invariant, message: message(), t_us, count: 1 });
+    }
+
+    fn user_of(&self, key: u64) -> &str {
+        self.admitted.get(&key).map(|(u, _)| u.as_str()).unwrap_or("?")
+    }
+}
+
+/// Checks every invariant; returns the violations in [`INVARIANTS`] order.
+pub fn check(events: &[Event], ending: &Ending, cancel_grace_us: u64) -> Vec<Violation> {
+    let mut w = Walk::default();
+    for e in events {
+        step(&mut w, e, cancel_grace_us);
+    }
+    if !ending.crashed {
+        check_leak(&mut w, ending, events.last().map(|e| e.t_us).unwrap_or(0));
+    }
+    INVARIANTS.iter().filter_map(|name| w.found.remove(name)).collect()
+}
+
+fn step(w: &mut Walk, e: &Event, grace_us: u64) {
+    let t = e.t_us;
+    match e.kind.as_str() {
+        "req.admit" => {
+            w.admitted.insert(e.u64("key"), (e.str("user").to_string(), e.str("fp").to_string()));
+        }
+        "req.release" => {
+            w.released.insert(e.u64("key"));
+        }
+        "req.cancel" => {
+            if let Some((_, fp)) = w.admitted.get(&e.u64("key")) {
+                w.cancelled_at.entry(fp.clone()).or_insert(t);
+            }
+        }
+        "req.stale" => {
+            let (key, op) = (e.u64("key"), e.str("op").to_string());
+            let user = w.user_of(key).to_string();
+            w.report("stale-access", t, || {
+                format!("request {key:#x} of user {user} was used after its release ({op}) at {}", secs(t))
+            });
+        }
+        "client.write" => {
+            let key = e.u64("key");
+            if w.released.contains(&key) {
+                let (user, what) = (w.user_of(key).to_string(), e.str("what").to_string());
+                w.report("write-after-release", t, || {
+                    format!("the proxy wrote '{what}' to the client of request {key:#x} (user {user}) after the request was released, at {}", secs(t))
+                });
+            }
+        }
+        "tab.send" => {
+            w.owner.insert(e.str("fp").to_string(), e.str("user").to_string());
+        }
+        "tab.abandon" => {
+            w.cancelled_at.entry(e.str("fp").to_string()).or_insert(t);
+        }
+        "upstream.attempt" => {
+            let fp = e.str("fp");
+            if let Some(&left) = w.cancelled_at.get(fp) {
+                if t > left.saturating_add(grace_us) {
+                    let n = e.u64("attempt");
+                    w.report("attempt-after-cancel", t, || {
+                        format!("the upstream received attempt {n} of generation {fp} at {}, {} after its client left", secs(t), secs(t - left))
+                    });
+                }
+            }
+        }
+        "tab.recv" => {
+            let (fp, got) = (e.str("fp"), e.str("got"));
+            if !got.is_empty() && got != fp {
+                let me = e.str("user").to_string();
+                let whose = w.owner.get(got).cloned().unwrap_or_else(|| "nobody".into());
+                w.report("cross-user-delivery", t, || {
+                    format!("tab {} of {me} received the answer to generation {got} (sent by {whose}) instead of its own {fp}", e.u64("tab"))
+                });
+            }
+        }
+        "proxy.exit" => {
+            let key = e.u64("key");
+            let reason = e.str("reason").to_string();
+            let culprit = w.user_of(key).to_string();
+            let in_flight: Vec<&String> = w
+                .admitted
+                .iter()
+                .filter(|(k, _)| !w.released.contains(k))
+                .map(|(_, (u, _))| u)
+                .collect();
+            let others: Vec<&&String> = in_flight.iter().filter(|u| ***u != culprit).collect();
+            let other_users: BTreeSet<&&&String> = others.iter().collect();
+            let msg = format!(
+                "the proxy process exited at {} ({reason}) while retrying request {key:#x} of {culprit}, whose client had left; {} requests in flight died with it, {} of them from {} other users",
+                secs(t),
+                in_flight.len(),
+                others.len(),
+                other_users.len()
+            );
+            w.report("proxy-crash", t, || msg);
+        }
+        "world.proxy_crash" if !w.found.contains_key("proxy-crash") => {
+            let reason = e.str("reason").to_string();
+            w.report("proxy-crash", t, || format!("the proxy host went down at {}: {reason}", secs(t)));
+        }
+        _ => {}
+    }
+}
+
+fn check_leak(w: &mut Walk, ending: &Ending, t: u64) {
+    let live = ending.live;
+    let open: Vec<String> = w
+        .admitted
+        .keys()
+        .filter(|k| !w.released.contains(k))
+        .take(3)
+        .map(|k| format!("{k:#x}"))
+        .collect();
+    if !open.is_empty() || live.tasks > 0 || live.upstream_conns > 0 || !ending.quiescent {
+        let msg = format!(
+            "at the end of the world: {} requests still in the table (first: {}), {} request tasks alive, {} upstream connections open{}",
+            live.requests,
+            if open.is_empty() { "none".into() } else { open.join(", ") },
+            live.tasks,
+            live.upstream_conns,
+            if ending.quiescent { "" } else { "; the world did not become quiescent" }
+        );
+        w.report("leak", t, || msg);
+    }
+}
+
+fn secs(t_us: u64) -> String {
+    format!("{:.3}s", t_us as f64 / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(t_us: u64, kind: &str, fields: serde_json::Value) -> Event {
+        let fields = fields.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Event { t_us, host: "proxy".into(), kind: kind.into(), fields }
+    }
+
+    fn clean() -> Ending {
+        Ending { crashed: false, live: Live::default(), quiescent: true }
+    }
+
+    /// One line per case: the events, and the invariant they must break
+    /// (or None).
+    #[test]
+    fn each_invariant_fires_on_its_pattern_and_only_then() {
+        let admit = ev(0, "req.admit", json!({"key": 1, "user": "alice", "fp": "aa"}));
+        let release = ev(10, "req.release", json!({"key": 1}));
+        let cases: Vec<(Vec<Event>, Option<&str>)> = vec![
+            (vec![admit.clone(), ev(5, "client.write", json!({"key": 1, "what": "end"})), release.clone()], None),
+            (vec![admit.clone(), release.clone(), ev(20, "client.write", json!({"key": 1, "what": "error"}))], Some("write-after-release")),
+            (vec![admit.clone(), release.clone(), ev(20, "req.stale", json!({"key": 1, "op": "x"}))], Some("stale-access")),
+            (vec![ev(0, "tab.abandon", json!({"fp": "aa"})), ev(100, "upstream.attempt", json!({"fp": "aa", "attempt": 2}))], None),
+            (vec![ev(0, "tab.abandon", json!({"fp": "aa"})), ev(1_000_000, "upstream.attempt", json!({"fp": "aa", "attempt": 2}))], Some("attempt-after-cancel")),
+            (vec![ev(0, "tab.recv", json!({"fp": "aa", "got": "aa", "user": "alice"}))], None),
+            (vec![ev(0, "tab.recv", json!({"fp": "aa", "got": "bb", "user": "alice"}))], Some("cross-user-delivery")),
+            (vec![admit.clone(), ev(20, "proxy.exit", json!({"key": 1, "reason": "boom"}))], Some("proxy-crash")),
+        ];
+        for (i, (events, want)) in cases.into_iter().enumerate() {
+            let crashed = want == Some("proxy-crash");
+            let ending = Ending { crashed, ..clean() };
+            let got: Vec<_> = check(&events, &ending, 200_000).into_iter().map(|v| v.invariant).collect();
+            assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn leak_fires_on_unreleased_request_or_live_counts() {
+        let events = vec![ev(0, "req.admit", json!({"key": 7, "user": "bob", "fp": "cc"}))];
+        let v = check(&events, &clean(), 0);
+        assert_eq!(v[0].invariant, "leak");
+        let live = Live { tasks: 1, ..Live::default() };
+        let v = check(&[], &Ending { live, ..clean() }, 0);
+        assert_eq!(v[0].invariant, "leak");
+        assert!(check(&[], &clean(), 0).is_empty());
+    }
+
+    #[test]
+    fn crash_report_counts_other_users() {
+        let events = vec![
+            ev(0, "req.admit", json!({"key": 1, "user": "alice", "fp": "a"})),
+            ev(0, "req.admit", json!({"key": 2, "user": "bob", "fp": "b"})),
+            ev(0, "req.admit", json!({"key": 3, "user": "carol", "fp": "c"})),
+            ev(1, "req.release", json!({"key": 1})),
+            ev(2, "proxy.exit", json!({"key": 1, "reason": "AbortError"})),
+        ];
+        let v = check(&events, &Ending { crashed: true, ..clean() }, 0);
+        assert!(v[0].message.contains("2 requests in flight died with it, 2 of them from 2 other users"), "{}", v[0].message);
+    }
+}
