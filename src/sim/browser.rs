@@ -119,9 +119,7 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
         let messages = json!([{"role": "user", "content": content}]);
         let fp = fingerprint(&messages);
         let stream = rng.random_bool(sc.p_stream);
-        let refresh_at = rng
-            .random_bool(sc.p_refresh)
-            .then(|| rng.random_range(0..=sc.refresh_after_ms_max));
+        let refresh_at = rng.random_bool(sc.p_refresh).then(|| log_uniform_ms(&mut rng, sc.refresh_after_ms_max));
         let body = json!({"messages": messages, "model": "mock-1", "stream": stream,
             "chat_completion_source": "custom", "custom_url": "http://upstream:9000/v1"});
         events::tab_send(&spec.user, spec.tab, &fp, stream);
@@ -155,6 +153,15 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
         }
     }
     Ok(())
+}
+
+/// A delay between 10 ms and `max_ms`, uniform in its logarithm: refreshes
+/// land as often in the first second (a fast retry) as in the last minute
+/// (a long backoff).
+fn log_uniform_ms(rng: &mut ChaCha8Rng, max_ms: u64) -> u64 {
+    let (lo, hi) = (10f64, (max_ms as f64).max(11.0));
+    let x: f64 = rng.random_range(lo.ln()..hi.ln());
+    x.exp() as u64
 }
 
 async fn login(spec: &TabSpec) -> Option<String> {
