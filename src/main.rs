@@ -94,7 +94,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match run(cli) {
@@ -123,17 +127,21 @@ fn load_scenarios(names: &[String]) -> anyhow::Result<Vec<NamedScenario>> {
         .into_iter()
         .map(|origin| {
             let scenario = Scenario::load(&origin).map_err(anyhow::Error::msg)?;
-            Ok(NamedScenario { origin, scenario: Arc::new(scenario) })
+            Ok(NamedScenario {
+                origin,
+                scenario: Arc::new(scenario),
+            })
         })
         .collect()
 }
 
 fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     let scenarios = load_scenarios(&args.scenarios)?;
-    let jobs = args
-        .jobs
-        .map(|j| j as usize)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let jobs = args.jobs.map(|j| j as usize).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let spec = CampaignSpec {
         scenarios,
         variant: args.variant,
@@ -151,11 +159,19 @@ fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     if !report.harness_errors.is_empty() {
         return Ok(ExitCode::from(3));
     }
-    Ok(if report.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn print_text(spec: &CampaignSpec, r: &Report) {
-    let names: Vec<&str> = spec.scenarios.iter().map(|s| s.scenario.name.as_str()).collect();
+    let names: Vec<&str> = spec
+        .scenarios
+        .iter()
+        .map(|s| s.scenario.name.as_str())
+        .collect();
     println!(
         "variant {}: {} seeds of {} in {:.1}s ({:.1} seeds/s, {:.0} simulated seconds, {:.0}x real time)",
         r.variant,
@@ -164,7 +180,11 @@ fn print_text(spec: &CampaignSpec, r: &Report) {
         r.wall_seconds,
         r.seeds_per_second(),
         r.sim_seconds,
-        if r.wall_seconds > 0.0 { r.sim_seconds / r.wall_seconds } else { 0.0 },
+        if r.wall_seconds > 0.0 {
+            r.sim_seconds / r.wall_seconds
+        } else {
+            0.0
+        },
     );
     for e in &r.harness_errors {
         println!("HARNESS ERROR {e}");
@@ -175,7 +195,10 @@ fn print_text(spec: &CampaignSpec, r: &Report) {
     }
     println!("{} violations:", r.violations.len());
     for v in &r.violations {
-        println!("\nseed {} scenario {} variant {}: {}", v.seed, v.scenario, r.variant, v.invariant);
+        println!(
+            "\nseed {} scenario {} variant {}: {}",
+            v.seed, v.scenario, r.variant, v.invariant
+        );
         println!("  {}", v.message);
         println!("  replay: {}", v.replay);
     }
@@ -211,15 +234,27 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         println!("verdict: clean");
     }
     for v in &run.violations {
-        println!("verdict: {} at {:.3}s ({}x): {}", v.invariant, v.t_us as f64 / 1e6, v.count, v.message);
+        println!(
+            "verdict: {} at {:.3}s ({}x): {}",
+            v.invariant,
+            v.t_us as f64 / 1e6,
+            v.count,
+            v.message
+        );
     }
     println!("trace hash: {}", run.trace_hash);
     if let Some(expected) = &args.expect_hash {
         if *expected != run.trace_hash {
-            println!("trace hash differs from the expected {expected}: this build does not replay that run exactly");
+            println!(
+                "trace hash differs from the expected {expected}: this build does not replay that run exactly"
+            );
             return Ok(ExitCode::from(1));
         }
         println!("trace hash matches");
     }
-    Ok(if run.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if run.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -270,7 +270,9 @@ impl tower::Service<Uri> for Connector {
         Box::pin(async move {
             let host = uri
                 .host()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "upstream URL has no host"))?
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "upstream URL has no host")
+                })?
                 .trim_matches(|c| c == '[' || c == ']')
                 .to_string();
             let port = uri.port_u16().unwrap_or(80);

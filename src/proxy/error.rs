@@ -10,7 +10,9 @@ use serde_json::json;
 pub enum ProxyError {
     #[error("{0}")]
     BadRequest(String),
-    #[error("not signed in: log in at POST /api/users/login, or send Authorization: Bearer <token>")]
+    #[error(
+        "not signed in: log in at POST /api/users/login, or send Authorization: Bearer <token>"
+    )]
     Unauthorized,
     #[error("{0}")]
     Forbidden(String),
@@ -50,10 +52,12 @@ impl IntoResponse for ProxyError {
         let mut resp = (self.status(), Json(body)).into_response();
         match &self {
             ProxyError::TooManyAttempts { retry_after_s, .. } => {
-                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }
             ProxyError::Busy(_) => {
-                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             _ => {}
         }

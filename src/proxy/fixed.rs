@@ -30,7 +30,14 @@ struct GiveUp {
 }
 
 pub async fn run(job: Job) -> Response {
-    let Job { state, guard, body, stream, dialect, user_key } = job;
+    let Job {
+        state,
+        guard,
+        body,
+        stream,
+        dialect,
+        user_key,
+    } = job;
     let key = guard.key();
     let id = key.id();
     let table = guard.table().clone();
@@ -38,16 +45,22 @@ pub async fn run(job: Job) -> Response {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let policy = &state.cfg.retry;
-    let limits = ClassifyLimits { wait_ms_max: policy.wait_ms_max };
+    let limits = ClassifyLimits {
+        wait_ms_max: policy.wait_ms_max,
+    };
     let deadline = Instant::now() + Duration::from_millis(policy.deadline_ms);
     let mut attempt = 0u32;
     let give_up = loop {
         attempt += 1;
-        if table.transition(key, &["admitted", "backoff"], Phase::Sending { attempt }).is_err() {
+        if table
+            .transition(key, &["admitted", "backoff"], Phase::Sending { attempt })
+            .is_err()
+        {
             break cancelled_give_up();
         }
         events::attempt_start(id, attempt);
-        let attempt_deadline = deadline.min(Instant::now() + Duration::from_millis(policy.attempt_timeout_ms));
+        let attempt_deadline =
+            deadline.min(Instant::now() + Duration::from_millis(policy.attempt_timeout_ms));
         let sent = tokio::select! {
             biased;
             _ = cancel.cancelled() => break cancelled_give_up(),
@@ -67,17 +80,24 @@ pub async fn run(job: Job) -> Response {
                     _ = cancel.cancelled() => break cancelled_give_up(),
                     r = tokio::time::timeout_at(deadline, forward::read_body(b, state.cfg.upstream_body_bytes_max)) => r,
                 };
-                let read = read.unwrap_or_else(|_| Err(ForwardError::Body("deadline passed".into())));
+                let read =
+                    read.unwrap_or_else(|_| Err(ForwardError::Body("deadline passed".into())));
                 (parts.status.as_u16(), parts.headers, read)
             }
         };
         let upstream_body = upstream_body.unwrap_or_default();
         let c = if status == 0 {
-            super::classify::Classification { decision: Decision::Backoff, wait_ms: None, reason: "no answer from upstream".into() }
+            super::classify::Classification {
+                decision: Decision::Backoff,
+                wait_ms: None,
+                reason: "no answer from upstream".into(),
+            }
         } else {
             classify(status, &headers, &upstream_body, state.clock.now(), &limits)
         };
-        let remaining_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let remaining_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
         let next = state.with_rng(|rng| policy.next(&c, attempt, remaining_ms, rng));
         match next {
             Next::GiveUp { retry_after_ms } => {
@@ -90,8 +110,21 @@ pub async fn run(job: Job) -> Response {
                 };
             }
             Next::Wait { wait_ms } => {
-                events::attempt_end(id, attempt, status, if c.decision == Decision::Retry { "retry" } else { "backoff" }, wait_ms);
-                if table.transition(key, &["sending"], Phase::Backoff { attempt }).is_err() {
+                events::attempt_end(
+                    id,
+                    attempt,
+                    status,
+                    if c.decision == Decision::Retry {
+                        "retry"
+                    } else {
+                        "backoff"
+                    },
+                    wait_ms,
+                );
+                if table
+                    .transition(key, &["sending"], Phase::Backoff { attempt })
+                    .is_err()
+                {
                     break cancelled_give_up();
                 }
                 events::retry_armed(id, wait_ms);
@@ -130,20 +163,26 @@ async fn deliver(
     let table = guard.table().clone();
     let (parts, body) = resp.into_parts();
     if stream {
-        if table.transition(key, &["sending"], Phase::Streaming).is_err() {
+        if table
+            .transition(key, &["sending"], Phase::Streaming)
+            .is_err()
+        {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
         events::client_write(key.id(), "head");
         // The guard moves into the body: it is released when the stream ends
         // or when hyper drops the body because the client left.
         let body = forward::passthrough(body, guard, |g: &RequestGuard| {
-            let _ = g.table().transition(g.key(), &["streaming"], Phase::Finished);
+            let _ = g
+                .table()
+                .transition(g.key(), &["streaming"], Phase::Finished);
             events::client_write(g.key().id(), "end");
         });
         let mut out = Response::new(body);
         *out.status_mut() = parts.status;
         copy_header(&parts.headers, out.headers_mut(), header::CONTENT_TYPE);
-        out.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        out.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return out;
     }
     let read = tokio::select! {
@@ -160,7 +199,11 @@ async fn deliver(
             copy_header(&parts.headers, out.headers_mut(), header::CONTENT_TYPE);
             out
         }
-        Err(e) => (StatusCode::BAD_GATEWAY, axum::Json(json!({"error": {"message": e.to_string(), "type": "upstream_error"}}))).into_response(),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            axum::Json(json!({"error": {"message": e.to_string(), "type": "upstream_error"}})),
+        )
+            .into_response(),
     }
 }
 
@@ -173,13 +216,20 @@ fn copy_header(from: &http::HeaderMap, to: &mut http::HeaderMap, name: header::H
 /// The upstream error's message, if its body has one.
 fn upstream_message(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/error/message").and_then(Value::as_str).map(str::to_string)
+    v.pointer("/error/message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 fn is_quota(body: &[u8]) -> bool {
     serde_json::from_slice::<Value>(body)
         .ok()
-        .and_then(|v| v.pointer("/error/type").or(v.pointer("/error/code")).and_then(Value::as_str).map(|t| t == "insufficient_quota"))
+        .and_then(|v| {
+            v.pointer("/error/type")
+                .or(v.pointer("/error/code"))
+                .and_then(Value::as_str)
+                .map(|t| t == "insufficient_quota")
+        })
         .unwrap_or(false)
 }
 
@@ -188,12 +238,21 @@ fn give_up_response(dialect: Dialect, g: GiveUp) -> Response {
     let retry_after_s = g.retry_after_ms.map(|ms| ms.div_ceil(1000));
     match dialect {
         Dialect::SillyTavern => {
-            axum::Json(json!({"error": {"message": g.message}, "quota_error": g.quota})).into_response()
+            axum::Json(json!({"error": {"message": g.message}, "quota_error": g.quota}))
+                .into_response()
         }
         Dialect::OpenAi => {
             let status = StatusCode::from_u16(g.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            let status = if status.is_client_error() || status.is_server_error() { status } else { StatusCode::BAD_GATEWAY };
-            let kind = if g.status == 429 { "rate_limit_exceeded" } else { "upstream_error" };
+            let status = if status.is_client_error() || status.is_server_error() {
+                status
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            let kind = if g.status == 429 {
+                "rate_limit_exceeded"
+            } else {
+                "upstream_error"
+            };
             let mut resp = (status, axum::Json(json!({"error": {"message": g.message, "type": kind, "param": null, "code": null}}))).into_response();
             let h = resp.headers_mut();
             if let Some(s) = retry_after_s {

@@ -46,12 +46,19 @@ pub enum ForwardError {
 
 impl Upstream {
     /// `base` is the upstream's API root, e.g. `http://127.0.0.1:9000/v1`.
-    pub fn new(transport: Transport, base: &str, key: Option<String>, idle_per_host_max: usize) -> anyhow::Result<Self> {
+    pub fn new(
+        transport: Transport,
+        base: &str,
+        key: Option<String>,
+        idle_per_host_max: usize,
+    ) -> anyhow::Result<Self> {
         let completions: Uri = format!("{}/chat/completions", base.trim_end_matches('/'))
             .parse()
             .map_err(|e| anyhow::anyhow!("upstream URL '{base}' is not a valid URL ({e}); give one like http://127.0.0.1:9000/v1"))?;
         if completions.scheme_str() != Some("http") {
-            anyhow::bail!("upstream URL '{base}' must start with http:// (TLS is left to a fronting proxy)");
+            anyhow::bail!(
+                "upstream URL '{base}' must start with http:// (TLS is left to a fronting proxy)"
+            );
         }
         let connector = Connector::new(transport).with_observer(Arc::new(ConnEvents));
         let client = Client::builder(TokioExecutor::new())
@@ -59,11 +66,19 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_max_idle_per_host(idle_per_host_max)
             .build(connector);
-        Ok(Self { client, completions, key })
+        Ok(Self {
+            client,
+            completions,
+            key,
+        })
     }
 
     /// Sends one chat-completions request; resolves when the head arrives.
-    pub async fn send(&self, body: Bytes, user_key: Option<&str>) -> Result<Response<Incoming>, ForwardError> {
+    pub async fn send(
+        &self,
+        body: Bytes,
+        user_key: Option<&str>,
+    ) -> Result<Response<Incoming>, ForwardError> {
         let mut req = Request::post(self.completions.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json, text/event-stream");
@@ -84,7 +99,9 @@ impl Upstream {
 pub async fn read_body(body: Incoming, bytes_max: usize) -> Result<Bytes, ForwardError> {
     match Limited::new(body, bytes_max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ForwardError::TooLarge(bytes_max)),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ForwardError::TooLarge(bytes_max))
+        }
         Err(e) => Err(ForwardError::Body(e.to_string())),
     }
 }
@@ -92,13 +109,21 @@ pub async fn read_body(body: Incoming, bytes_max: usize) -> Result<Bytes, Forwar
 /// A streaming body that forwards `upstream` and keeps `owner` alive until
 /// the stream ends or the client goes away (hyper drops the body then),
 /// then runs `on_end` if the stream ended normally.
-pub fn passthrough<G: Send + 'static>(upstream: Incoming, owner: G, on_end: impl FnOnce(&G) + Send + 'static) -> Body {
+pub fn passthrough<G: Send + 'static>(
+    upstream: Incoming,
+    owner: G,
+    on_end: impl FnOnce(&G) + Send + 'static,
+) -> Body {
     struct State<G, F> {
         upstream: Incoming,
         owner: G,
         on_end: Option<F>,
     }
-    let state = State { upstream, owner, on_end: Some(on_end) };
+    let state = State {
+        upstream,
+        owner,
+        on_end: Some(on_end),
+    };
     let stream = futures::stream::unfold(state, |mut s| async move {
         loop {
             match s.upstream.frame().await {

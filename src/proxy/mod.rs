@@ -105,7 +105,10 @@ impl Clock {
         (self.0)()
     }
     pub fn now_s(&self) -> u64 {
-        self.now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+        self.now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs()
     }
 }
 
@@ -182,7 +185,10 @@ pub fn app(state: Arc<ProxyState>) -> Router {
         .route("/api/users/login", post(login))
         .route("/api/users/logout", post(logout))
         .route("/api/users/me", get(me))
-        .route("/api/backends/chat-completions/generate", post(generate_sillytavern))
+        .route(
+            "/api/backends/chat-completions/generate",
+            post(generate_sillytavern),
+        )
         .route("/v1/chat/completions", post(generate_openai))
         .route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(body_max))
@@ -214,7 +220,11 @@ struct LoginBody {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProxyError> {
-    serde_json::from_slice(body).map_err(|e| ProxyError::BadRequest(format!("request body is not valid JSON for this route: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ProxyError::BadRequest(format!(
+            "request body is not valid JSON for this route: {e}"
+        ))
+    })
 }
 
 async fn login(State(state): State<Arc<ProxyState>>, body: Bytes) -> Result<Response, ProxyError> {
@@ -235,17 +245,23 @@ async fn login(State(state): State<Arc<ProxyState>>, body: Bytes) -> Result<Resp
     };
     let cookie = session::sign(&state.secret, &session);
     let mut resp = Json(json!({"handle": user})).into_response();
-    if let Ok(v) = HeaderValue::from_str(&session::set_cookie_header(&cookie, state.cfg.session_max_age_s)) {
+    if let Ok(v) = HeaderValue::from_str(&session::set_cookie_header(
+        &cookie,
+        state.cfg.session_max_age_s,
+    )) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     Ok(resp)
 }
 
-async fn logout(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Result<Response, ProxyError> {
+async fn logout(
+    State(state): State<Arc<ProxyState>>,
+    headers: HeaderMap,
+) -> Result<Response, ProxyError> {
     let who = principal_from_cookie(&state, &headers)?;
-    let cancelled = state
-        .table
-        .cancel_where("logout", |m| m.user == who.handle && m.session_id == who.session_id);
+    let cancelled = state.table.cancel_where("logout", |m| {
+        m.user == who.handle && m.session_id == who.session_id
+    });
     let mut resp = Json(json!({"ok": true, "cancelled": cancelled})).into_response();
     if let Ok(v) = HeaderValue::from_str(&session::clear_cookie_header()) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -253,7 +269,10 @@ async fn logout(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Res
     Ok(resp)
 }
 
-async fn me(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Result<Response, ProxyError> {
+async fn me(
+    State(state): State<Arc<ProxyState>>,
+    headers: HeaderMap,
+) -> Result<Response, ProxyError> {
     let who = principal_from_cookie(&state, &headers)?;
     Ok(Json(json!({"handle": who.handle})).into_response())
 }
@@ -262,12 +281,20 @@ async fn me(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Result<
 /// disabled user's cookie stops working at once.
 fn principal_from_cookie(state: &ProxyState, headers: &HeaderMap) -> Result<Principal, ProxyError> {
     let value = session::cookie_value(headers).ok_or(ProxyError::Unauthorized)?;
-    let s = session::verify(&state.secret, value, state.clock.now_s(), state.cfg.session_max_age_s)
-        .map_err(|_| ProxyError::Unauthorized)?;
+    let s = session::verify(
+        &state.secret,
+        value,
+        state.clock.now_s(),
+        state.cfg.session_max_age_s,
+    )
+    .map_err(|_| ProxyError::Unauthorized)?;
     let users = state.users();
     let user = users.get(&s.handle).ok_or(ProxyError::Unauthorized)?;
     if !user.enabled {
-        return Err(ProxyError::Forbidden(format!("user '{}' is disabled; ask an admin", user.handle)));
+        return Err(ProxyError::Forbidden(format!(
+            "user '{}' is disabled; ask an admin",
+            user.handle
+        )));
     }
     Ok(Principal {
         handle: user.handle.clone(),
@@ -283,7 +310,9 @@ fn principal_from_bearer(state: &ProxyState, headers: &HeaderMap) -> Result<Prin
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(ProxyError::Unauthorized)?;
     let users = state.users();
-    let user = users.user_for_token(token.trim()).ok_or(ProxyError::Unauthorized)?;
+    let user = users
+        .user_for_token(token.trim())
+        .ok_or(ProxyError::Unauthorized)?;
     Ok(Principal {
         handle: user.handle.clone(),
         session_id: 0,
@@ -291,7 +320,11 @@ fn principal_from_bearer(state: &ProxyState, headers: &HeaderMap) -> Result<Prin
     })
 }
 
-async fn generate_sillytavern(State(state): State<Arc<ProxyState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn generate_sillytavern(
+    State(state): State<Arc<ProxyState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let who = match principal_from_cookie(&state, &headers) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -302,7 +335,11 @@ async fn generate_sillytavern(State(state): State<Arc<ProxyState>>, headers: Hea
     }
 }
 
-async fn generate_openai(State(state): State<Arc<ProxyState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn generate_openai(
+    State(state): State<Arc<ProxyState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let who = match principal_from_bearer(&state, &headers) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -318,10 +355,23 @@ async fn generate_openai(State(state): State<Arc<ProxyState>>, headers: HeaderMa
 fn sillytavern_to_openai(body: &[u8]) -> Result<Value, ProxyError> {
     let v: Value = parse_json(body)?;
     let Some(obj) = v.as_object() else {
-        return Err(ProxyError::BadRequest("request body must be a JSON object".into()));
+        return Err(ProxyError::BadRequest(
+            "request body must be a JSON object".into(),
+        ));
     };
     let mut out = serde_json::Map::new();
-    for field in ["model", "messages", "stream", "temperature", "max_tokens", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed"] {
+    for field in [
+        "model",
+        "messages",
+        "stream",
+        "temperature",
+        "max_tokens",
+        "top_p",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+    ] {
         if let Some(x) = obj.get(field) {
             out.insert(field.into(), x.clone());
         }
@@ -332,16 +382,27 @@ fn sillytavern_to_openai(body: &[u8]) -> Result<Value, ProxyError> {
 fn check_openai_request(v: Value) -> Result<Value, ProxyError> {
     let messages = v.get("messages").and_then(Value::as_array);
     if messages.is_none_or(|m| m.is_empty()) {
-        return Err(ProxyError::BadRequest("'messages' must be a non-empty array".into()));
+        return Err(ProxyError::BadRequest(
+            "'messages' must be a non-empty array".into(),
+        ));
     }
-    if v.get("stream").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
-        return Err(ProxyError::BadRequest("'stream' must be true or false".into()));
+    if v.get("stream")
+        .is_some_and(|s| !s.is_boolean() && !s.is_null())
+    {
+        return Err(ProxyError::BadRequest(
+            "'stream' must be true or false".into(),
+        ));
     }
     Ok(v)
 }
 
 /// The one generation core both routes go through.
-pub async fn generate(state: Arc<ProxyState>, who: Principal, mut req: Value, dialect: Dialect) -> Response {
+pub async fn generate(
+    state: Arc<ProxyState>,
+    who: Principal,
+    mut req: Value,
+    dialect: Dialect,
+) -> Response {
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let meta = RequestMeta {
         user: who.handle.clone(),
@@ -355,7 +416,8 @@ pub async fn generate(state: Arc<ProxyState>, who: Principal, mut req: Value, di
     };
     if let Some(obj) = req.as_object_mut() {
         obj.insert("user".into(), Value::String(who.handle.clone()));
-        obj.entry("model").or_insert_with(|| Value::String("mock-1".into()));
+        obj.entry("model")
+            .or_insert_with(|| Value::String("mock-1".into()));
     }
     let upstream_body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
     let job = Job {

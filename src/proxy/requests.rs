@@ -138,7 +138,12 @@ impl RequestTable {
     }
 
     /// Reads a request's state; a released key reports `req.stale` under `op`.
-    pub fn read<R>(&self, key: RequestKey, op: &str, f: impl FnOnce(&Entry) -> R) -> Result<R, Stale> {
+    pub fn read<R>(
+        &self,
+        key: RequestKey,
+        op: &str,
+        f: impl FnOnce(&Entry) -> R,
+    ) -> Result<R, Stale> {
         let slots = self.lock();
         match slots.get(key) {
             Some(entry) => Ok(f(entry)),
@@ -151,7 +156,12 @@ impl RequestTable {
     }
 
     /// Moves `key` from a phase named `expected` to `to`.
-    pub fn transition(&self, key: RequestKey, expected: &[&'static str], to: Phase) -> Result<(), TableError> {
+    pub fn transition(
+        &self,
+        key: RequestKey,
+        expected: &[&'static str],
+        to: Phase,
+    ) -> Result<(), TableError> {
         let mut slots = self.lock();
         let Some(entry) = slots.get_mut(key) else {
             drop(slots);
@@ -205,7 +215,14 @@ impl RequestTable {
 
     /// Requests per phase name, in phase order (for metrics).
     pub fn phase_counts(&self) -> Vec<(&'static str, usize)> {
-        let names = ["admitted", "gate-wait", "sending", "backoff", "streaming", "finished"];
+        let names = [
+            "admitted",
+            "gate-wait",
+            "sending",
+            "backoff",
+            "streaming",
+            "finished",
+        ];
         let slots = self.lock();
         names
             .iter()
@@ -280,7 +297,10 @@ mod tests {
         // The next request takes the same slot index with a new generation.
         let second = table.admit(meta("bob")).unwrap();
         assert_ne!(stale, second.key());
-        assert_eq!(table.read(stale, "test", |e| e.meta.user.clone()), Err(Stale));
+        assert_eq!(
+            table.read(stale, "test", |e| e.meta.user.clone()),
+            Err(Stale)
+        );
         assert_eq!(
             table.transition(stale, &["admitted"], Phase::Sending { attempt: 1 }),
             Err(TableError::Stale)
@@ -288,9 +308,14 @@ mod tests {
         assert!(table.cancel_token(stale).is_err());
         // bob's request is untouched by every stale access above.
         let (user, phase, cancelled) = table
-            .read(second.key(), "test", |e| (e.meta.user.clone(), e.phase, e.cancel.is_cancelled()))
+            .read(second.key(), "test", |e| {
+                (e.meta.user.clone(), e.phase, e.cancel.is_cancelled())
+            })
             .unwrap();
-        assert_eq!((user.as_str(), phase, cancelled), ("bob", Phase::Admitted, false));
+        assert_eq!(
+            (user.as_str(), phase, cancelled),
+            ("bob", Phase::Admitted, false)
+        );
     }
 
     #[test]
@@ -301,15 +326,22 @@ mod tests {
         assert_eq!(table.len(), 1);
         drop(guard);
         assert_eq!(table.len(), 0);
-        assert!(token.is_cancelled(), "release must stop whatever still waits on the request");
+        assert!(
+            token.is_cancelled(),
+            "release must stop whatever still waits on the request"
+        );
     }
 
     #[test]
     fn transition_is_compare_and_set() {
         let table = RequestTable::new(8);
         let g = table.admit(meta("alice")).unwrap();
-        table.transition(g.key(), &["admitted"], Phase::Sending { attempt: 1 }).unwrap();
-        let err = table.transition(g.key(), &["admitted"], Phase::Streaming).unwrap_err();
+        table
+            .transition(g.key(), &["admitted"], Phase::Sending { attempt: 1 })
+            .unwrap();
+        let err = table
+            .transition(g.key(), &["admitted"], Phase::Streaming)
+            .unwrap_err();
         assert_eq!(
             err,
             TableError::Conflict {
@@ -317,7 +349,10 @@ mod tests {
                 found: "sending"
             }
         );
-        assert_eq!(table.read(g.key(), "t", |e| e.phase).unwrap(), Phase::Sending { attempt: 1 });
+        assert_eq!(
+            table.read(g.key(), "t", |e| e.phase).unwrap(),
+            Phase::Sending { attempt: 1 }
+        );
     }
 
     #[test]

@@ -59,12 +59,30 @@ impl RetryPolicy {
     /// Checks the policy's values; the error names the bad field.
     pub fn validate(&self) -> Result<(), String> {
         let checks = [
-            (self.attempts_max >= 1 && self.attempts_max <= 100, "attempts_max must be within 1..=100"),
-            (self.backoff_base_ms >= 1, "backoff_base_ms must be at least 1"),
-            (self.backoff_max_ms >= self.backoff_base_ms, "backoff_max_ms must be >= backoff_base_ms"),
-            (self.deadline_ms >= 1 && self.deadline_ms <= 3_600_000, "deadline_ms must be within 1..=3600000"),
-            (self.attempt_timeout_ms >= 1, "attempt_timeout_ms must be at least 1"),
-            (self.wait_ms_max <= self.deadline_ms, "wait_ms_max must not exceed deadline_ms"),
+            (
+                self.attempts_max >= 1 && self.attempts_max <= 100,
+                "attempts_max must be within 1..=100",
+            ),
+            (
+                self.backoff_base_ms >= 1,
+                "backoff_base_ms must be at least 1",
+            ),
+            (
+                self.backoff_max_ms >= self.backoff_base_ms,
+                "backoff_max_ms must be >= backoff_base_ms",
+            ),
+            (
+                self.deadline_ms >= 1 && self.deadline_ms <= 3_600_000,
+                "deadline_ms must be within 1..=3600000",
+            ),
+            (
+                self.attempt_timeout_ms >= 1,
+                "attempt_timeout_ms must be at least 1",
+            ),
+            (
+                self.wait_ms_max <= self.deadline_ms,
+                "wait_ms_max must not exceed deadline_ms",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, msg)) => Err(format!("retry.{msg}")),
@@ -74,31 +92,49 @@ impl RetryPolicy {
 
     /// The next step after attempt number `attempt` (1-based) was answered
     /// as `c`, with `remaining_ms` left before the deadline.
-    pub fn next(&self, c: &Classification, attempt: u32, remaining_ms: u64, rng: &mut impl Rng) -> Next {
+    pub fn next(
+        &self,
+        c: &Classification,
+        attempt: u32,
+        remaining_ms: u64,
+        rng: &mut impl Rng,
+    ) -> Next {
         let wait_ms = match c.decision {
-            Decision::Success | Decision::GiveUp => return Next::GiveUp { retry_after_ms: c.wait_ms },
+            Decision::Success | Decision::GiveUp => {
+                return Next::GiveUp {
+                    retry_after_ms: c.wait_ms,
+                };
+            }
             Decision::Retry => {
                 let hint = c.wait_ms.unwrap_or(0);
                 if hint > self.wait_ms_max {
-                    return Next::GiveUp { retry_after_ms: Some(hint) };
+                    return Next::GiveUp {
+                        retry_after_ms: Some(hint),
+                    };
                 }
                 hint.saturating_add(rng.random_range(0..=self.hint_jitter_ms_max))
             }
             Decision::Backoff => rng.random_range(0..=self.backoff_ceiling_ms(attempt)),
         };
         if attempt >= self.attempts_max {
-            return Next::GiveUp { retry_after_ms: c.wait_ms };
+            return Next::GiveUp {
+                retry_after_ms: c.wait_ms,
+            };
         }
         if wait_ms >= remaining_ms {
             // Waiting would overrun the deadline: answer now instead.
-            return Next::GiveUp { retry_after_ms: Some(wait_ms) };
+            return Next::GiveUp {
+                retry_after_ms: Some(wait_ms),
+            };
         }
         Next::Wait { wait_ms }
     }
 
     fn backoff_ceiling_ms(&self, attempt: u32) -> u64 {
         let doublings = attempt.saturating_sub(1).min(32);
-        self.backoff_base_ms.saturating_mul(1u64 << doublings).min(self.backoff_max_ms)
+        self.backoff_base_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.backoff_max_ms)
     }
 }
 
@@ -109,7 +145,11 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn class(decision: Decision, wait_ms: Option<u64>) -> Classification {
-        Classification { decision, wait_ms, reason: String::new() }
+        Classification {
+            decision,
+            wait_ms,
+            reason: String::new(),
+        }
     }
 
     #[test]
@@ -118,7 +158,9 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for _ in 0..200 {
             match p.next(&class(Decision::Retry, Some(2_000)), 1, 100_000, &mut rng) {
-                Next::Wait { wait_ms } => assert!((2_000..=2_000 + p.hint_jitter_ms_max).contains(&wait_ms)),
+                Next::Wait { wait_ms } => {
+                    assert!((2_000..=2_000 + p.hint_jitter_ms_max).contains(&wait_ms))
+                }
                 other => panic!("expected a wait, got {other:?}"),
             }
         }
@@ -131,10 +173,15 @@ mod tests {
         for attempt in 1..p.attempts_max {
             let ceiling = (p.backoff_base_ms << (attempt - 1)).min(p.backoff_max_ms);
             for _ in 0..100 {
-                let Next::Wait { wait_ms } = p.next(&class(Decision::Backoff, None), attempt, u64::MAX, &mut rng) else {
+                let Next::Wait { wait_ms } =
+                    p.next(&class(Decision::Backoff, None), attempt, u64::MAX, &mut rng)
+                else {
                     panic!("expected a wait");
                 };
-                assert!(wait_ms <= ceiling, "attempt {attempt}: {wait_ms} > {ceiling}");
+                assert!(
+                    wait_ms <= ceiling,
+                    "attempt {attempt}: {wait_ms} > {ceiling}"
+                );
             }
         }
     }
@@ -144,14 +191,32 @@ mod tests {
         let p = RetryPolicy::default();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let backoff = class(Decision::Backoff, None);
-        assert!(matches!(p.next(&backoff, p.attempts_max, u64::MAX, &mut rng), Next::GiveUp { .. }));
+        assert!(matches!(
+            p.next(&backoff, p.attempts_max, u64::MAX, &mut rng),
+            Next::GiveUp { .. }
+        ));
         let hinted = class(Decision::Retry, Some(5_000));
         match p.next(&hinted, 1, 1_000, &mut rng) {
-            Next::GiveUp { retry_after_ms: Some(w) } => assert!(w >= 5_000, "client told to come back too early: {w}"),
+            Next::GiveUp {
+                retry_after_ms: Some(w),
+            } => assert!(w >= 5_000, "client told to come back too early: {w}"),
             other => panic!("a wait past the deadline must give up, got {other:?}"),
         }
         let long = class(Decision::Retry, Some(p.wait_ms_max + 1));
-        assert_eq!(p.next(&long, 1, u64::MAX, &mut rng), Next::GiveUp { retry_after_ms: Some(p.wait_ms_max + 1) });
-        assert!(RetryPolicy { attempts_max: 0, ..RetryPolicy::default() }.validate().unwrap_err().contains("attempts_max"));
+        assert_eq!(
+            p.next(&long, 1, u64::MAX, &mut rng),
+            Next::GiveUp {
+                retry_after_ms: Some(p.wait_ms_max + 1)
+            }
+        );
+        assert!(
+            RetryPolicy {
+                attempts_max: 0,
+                ..RetryPolicy::default()
+            }
+            .validate()
+            .unwrap_err()
+            .contains("attempts_max")
+        );
     }
 }

@@ -83,28 +83,48 @@ struct Call {
 }
 
 pub async fn run(job: Job) -> Response {
-    let Job { state, guard, body, stream, user_key, .. } = job;
+    let Job {
+        state,
+        guard,
+        body,
+        stream,
+        user_key,
+        ..
+    } = job;
     let key = guard.key();
     let abort = CancellationToken::new();
-    let close = CloseListener { guard: Some(guard), abort: abort.clone() };
+    let close = CloseListener {
+        guard: Some(guard),
+        abort: abort.clone(),
+    };
     let (tx, rx) = oneshot::channel();
     let call = Arc::new(Call {
         state,
         key,
-        res: Arc::new(NodeResponse { key, tx: Mutex::new(Some(tx)) }),
+        res: Arc::new(NodeResponse {
+            key,
+            tx: Mutex::new(Some(tx)),
+        }),
         abort,
         body,
         stream,
         user_key,
     });
-    spawn_detached(key, "make_request", make_request(call, RETRIES_MAX, FIRST_TIMEOUT_MS, 1, false));
+    spawn_detached(
+        key,
+        "make_request",
+        make_request(call, RETRIES_MAX, FIRST_TIMEOUT_MS, 1, false),
+    );
     let resp = rx.await.unwrap_or_else(|_| error_true());
     if !stream {
         return resp;
     }
     // The passthrough keeps the close listener until the stream ends.
     let (parts, body) = resp.into_parts();
-    let body = axum::body::Body::from_stream(WithOwner { inner: body.into_data_stream(), _owner: close });
+    let body = axum::body::Body::from_stream(WithOwner {
+        inner: body.into_data_stream(),
+        _owner: close,
+    });
     Response::from_parts(parts, body)
 }
 
@@ -116,12 +136,19 @@ struct WithOwner<S, O> {
 
 impl<S: futures::Stream + Unpin, O: Unpin> futures::Stream for WithOwner<S, O> {
     type Item = S::Item;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<S::Item>> {
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
         Pin::new(&mut self.inner).poll_next(cx)
     }
 }
 
-fn spawn_detached(key: RequestKey, what: &'static str, fut: impl Future<Output = ()> + Send + 'static) {
+fn spawn_detached(
+    key: RequestKey,
+    what: &'static str,
+    fut: impl Future<Output = ()> + Send + 'static,
+) {
     struct TaskEnd(u64, &'static str);
     impl Drop for TaskEnd {
         fn drop(&mut self) {
@@ -137,12 +164,21 @@ fn spawn_detached(key: RequestKey, what: &'static str, fut: impl Future<Output =
 }
 
 /// `makeRequest(retries, timeout)`.
-fn make_request(call: Arc<Call>, retries: u32, timeout_ms: u64, attempt: u32, from_timer: bool) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+fn make_request(
+    call: Arc<Call>,
+    retries: u32,
+    timeout_ms: u64,
+    attempt: u32,
+    from_timer: bool,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let id = call.key.id();
         // The closure re-reads its request (options, user, prompt); after a
         // refresh that state is already released.
-        let _ = call.state.table.read(call.key, "retry.read_request", |e| e.meta.user.clone());
+        let _ = call
+            .state
+            .table
+            .read(call.key, "retry.read_request", |e| e.meta.user.clone());
         if call.abort.is_cancelled() {
             if from_timer && call.state.cfg.variant == Variant::SillyTavern1127 {
                 events::proxy_exit(id, UNCAUGHT);
@@ -153,7 +189,11 @@ fn make_request(call: Arc<Call>, retries: u32, timeout_ms: u64, attempt: u32, fr
             call.res.send("error", error_true());
             return;
         }
-        let _ = call.state.table.transition(call.key, &["admitted", "backoff"], Phase::Sending { attempt });
+        let _ = call.state.table.transition(
+            call.key,
+            &["admitted", "backoff"],
+            Phase::Sending { attempt },
+        );
         events::attempt_start(id, attempt);
         let sent = tokio::select! {
             biased;
@@ -183,7 +223,10 @@ fn make_request(call: Arc<Call>, retries: u32, timeout_ms: u64, attempt: u32, fr
         };
         if status.is_success() {
             events::attempt_end(id, attempt, status.as_u16(), "success", 0);
-            let _ = call.state.table.transition(call.key, &["sending"], Phase::Finished);
+            let _ = call
+                .state
+                .table
+                .transition(call.key, &["sending"], Phase::Finished);
             let mut out = Response::new(axum::body::Body::from(bytes));
             if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
                 out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
@@ -191,11 +234,17 @@ fn make_request(call: Arc<Call>, retries: u32, timeout_ms: u64, attempt: u32, fr
             call.res.send("end", out);
         } else if status == StatusCode::TOO_MANY_REQUESTS && retries > 0 {
             events::attempt_end(id, attempt, 429, "retry", timeout_ms);
-            let _ = call.state.table.transition(call.key, &["sending"], Phase::Backoff { attempt });
+            let _ = call
+                .state
+                .table
+                .transition(call.key, &["sending"], Phase::Backoff { attempt });
             arm_timer(call, retries, timeout_ms, attempt);
         } else {
             events::attempt_end(id, attempt, status.as_u16(), "give-up", 0);
-            let _ = call.state.table.transition(call.key, &["sending"], Phase::Finished);
+            let _ = call
+                .state
+                .table
+                .transition(call.key, &["sending"], Phase::Finished);
             call.res.send("error", quota_answer(status, &bytes));
         }
     })
@@ -208,20 +257,32 @@ fn arm_timer(call: Arc<Call>, retries: u32, timeout_ms: u64, attempt: u32) {
     events::retry_armed(key.id(), timeout_ms);
     spawn_detached(key, "retry_timer", async move {
         tokio::time::sleep(Duration::from_millis(timeout_ms)).await;
-        make_request(call, retries - 1, timeout_ms.saturating_mul(2), attempt + 1, true).await;
+        make_request(
+            call,
+            retries - 1,
+            timeout_ms.saturating_mul(2),
+            attempt + 1,
+            true,
+        )
+        .await;
     });
 }
 
 /// Streaming passthrough, any status; 401 becomes 400.
 fn pipe(resp: hyper::Response<hyper::body::Incoming>) -> Response {
     let (parts, body) = resp.into_parts();
-    let status = if parts.status == StatusCode::UNAUTHORIZED { StatusCode::BAD_REQUEST } else { parts.status };
+    let status = if parts.status == StatusCode::UNAUTHORIZED {
+        StatusCode::BAD_REQUEST
+    } else {
+        parts.status
+    };
     let mut out = Response::new(forward::passthrough(body, (), |_| {}));
     *out.status_mut() = status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
         out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
     }
-    out.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    out.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     out
 }
 
@@ -237,6 +298,7 @@ fn quota_answer(status: StatusCode, body: &[u8]) -> Response {
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| format!("Got response status {}", status.as_u16()));
-    let quota = status == StatusCode::TOO_MANY_REQUESTS && v.pointer("/error/type").and_then(Value::as_str) == Some("insufficient_quota");
+    let quota = status == StatusCode::TOO_MANY_REQUESTS
+        && v.pointer("/error/type").and_then(Value::as_str) == Some("insufficient_quota");
     axum::Json(json!({"error": {"message": message}, "quota_error": quota})).into_response()
 }

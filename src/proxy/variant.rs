@@ -21,7 +21,11 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::Fixed, Variant::SillyTavern1126, Variant::SillyTavern1127];
+    pub const ALL: [Variant; 3] = [
+        Variant::Fixed,
+        Variant::SillyTavern1126,
+        Variant::SillyTavern1127,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -45,9 +49,12 @@ impl fmt::Display for Variant {
 impl FromStr for Variant {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Variant::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
-            let names: Vec<_> = Variant::ALL.iter().map(|v| v.name()).collect();
-            format!("unknown variant '{s}'; choose one of: {}", names.join(", "))
-        })
+        Variant::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Variant::ALL.iter().map(|v| v.name()).collect();
+                format!("unknown variant '{s}'; choose one of: {}", names.join(", "))
+            })
     }
 }

@@ -54,7 +54,9 @@ struct Answer {
     body: Bytes,
 }
 
-async fn connect(spec: &TabSpec) -> std::io::Result<(hyper::client::conn::http1::SendRequest<Full<Bytes>>, Conn)> {
+async fn connect(
+    spec: &TabSpec,
+) -> std::io::Result<(hyper::client::conn::http1::SendRequest<Full<Bytes>>, Conn)> {
     let mut last = None;
     for i in 0..CONNECT_TRIES_MAX {
         match Stream::connect(spec.transport, &spec.proxy_host, spec.proxy_port).await {
@@ -75,7 +77,13 @@ async fn connect(spec: &TabSpec) -> std::io::Result<(hyper::client::conn::http1:
 }
 
 /// One request on a fresh connection (a page load or a fetch).
-async fn exchange(spec: &TabSpec, method: &str, path: &str, cookie: Option<&str>, body: Option<Value>) -> std::io::Result<Answer> {
+async fn exchange(
+    spec: &TabSpec,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: Option<Value>,
+) -> std::io::Result<Answer> {
     let (mut sender, _conn) = connect(spec).await?;
     let mut req = Request::builder()
         .method(method)
@@ -92,14 +100,21 @@ async fn exchange(spec: &TabSpec, method: &str, path: &str, cookie: Option<&str>
         None => Bytes::new(),
     };
     let req = req.body(Full::new(bytes)).map_err(std::io::Error::other)?;
-    let resp = sender.send_request(req).await.map_err(std::io::Error::other)?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
     let (parts, body) = resp.into_parts();
     let body = Limited::new(body, ANSWER_BYTES_MAX)
         .collect()
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?
         .to_bytes();
-    Ok(Answer { status: parts.status, headers: parts.headers, body })
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// Runs one tab to the end of its plan.
@@ -115,16 +130,32 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
         if !resend {
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..=sc.think_ms_max))).await;
         }
-        let content = format!("{} tab {} generation {} nonce {:016x}", spec.user, spec.tab, g, rng.random::<u64>());
+        let content = format!(
+            "{} tab {} generation {} nonce {:016x}",
+            spec.user,
+            spec.tab,
+            g,
+            rng.random::<u64>()
+        );
         let messages = json!([{"role": "user", "content": content}]);
         let fp = fingerprint(&messages);
         let stream = rng.random_bool(sc.p_stream);
-        let refresh_at = rng.random_bool(sc.p_refresh).then(|| log_uniform_ms(&mut rng, sc.refresh_after_ms_max));
+        let refresh_at = rng
+            .random_bool(sc.p_refresh)
+            .then(|| log_uniform_ms(&mut rng, sc.refresh_after_ms_max));
         let body = json!({"messages": messages, "model": "mock-1", "stream": stream,
             "chat_completion_source": "custom", "custom_url": "http://upstream:9000/v1"});
         events::tab_send(&spec.user, spec.tab, &fp, stream);
-        let request = exchange(&spec, "POST", "/api/backends/chat-completions/generate", Some(&cookie), Some(body));
-        let limit = refresh_at.unwrap_or(sc.request_timeout_ms).min(sc.request_timeout_ms);
+        let request = exchange(
+            &spec,
+            "POST",
+            "/api/backends/chat-completions/generate",
+            Some(&cookie),
+            Some(body),
+        );
+        let limit = refresh_at
+            .unwrap_or(sc.request_timeout_ms)
+            .min(sc.request_timeout_ms);
         let outcome = tokio::select! {
             biased;
             r = request => Some(r),
@@ -140,7 +171,10 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
             None => {
                 // The select dropped the request future: the connection is gone.
                 events::tab_abandon(&spec.user, spec.tab, &fp);
-                tokio::time::sleep(Duration::from_millis(rng.random_range(sc.page_load_ms_min..=sc.page_load_ms_max))).await;
+                tokio::time::sleep(Duration::from_millis(
+                    rng.random_range(sc.page_load_ms_min..=sc.page_load_ms_max),
+                ))
+                .await;
                 match exchange(&spec, "GET", "/api/users/me", Some(&cookie), None).await {
                     Ok(a) => events::tab_reload(&spec.user, spec.tab, a.status.as_u16()),
                     Err(e) => {
@@ -172,7 +206,12 @@ async fn login(spec: &TabSpec) -> Option<String> {
             Some(set.split(';').next()?.to_string())
         }
         Ok(a) => {
-            events::tab_io_error(&spec.user, spec.tab, "", &format!("login answered {}", a.status));
+            events::tab_io_error(
+                &spec.user,
+                spec.tab,
+                "",
+                &format!("login answered {}", a.status),
+            );
             None
         }
         Err(e) => {
@@ -184,14 +223,27 @@ async fn login(spec: &TabSpec) -> Option<String> {
 
 /// Reports what the tab got: the fingerprint its answer carries, if any.
 fn judge_answer(spec: &TabSpec, fp: &str, stream: bool, a: &Answer) {
-    let text = if stream && a.status.is_success() { sse_text(&a.body) } else { json_text(&a.body) };
+    let text = if stream && a.status.is_success() {
+        sse_text(&a.body)
+    } else {
+        json_text(&a.body)
+    };
     let got = text.as_deref().and_then(fingerprint_in).unwrap_or("");
-    events::tab_recv(&spec.user, spec.tab, fp, got, a.status.as_u16(), got.is_empty());
+    events::tab_recv(
+        &spec.user,
+        spec.tab,
+        fp,
+        got,
+        a.status.as_u16(),
+        got.is_empty(),
+    );
 }
 
 fn json_text(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/choices/0/message/content").and_then(Value::as_str).map(str::to_string)
+    v.pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// Joins the `delta.content` of every SSE `data:` line.
@@ -199,11 +251,15 @@ fn sse_text(body: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(body).ok()?;
     let mut out = String::new();
     for line in text.lines() {
-        let Some(data) = line.strip_prefix("data: ") else { continue };
-        if let Ok(v) = serde_json::from_str::<Value>(data) {
-            if let Some(c) = v.pointer("/choices/0/delta/content").and_then(Value::as_str) {
-                out.push_str(c);
-            }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if let Ok(v) = serde_json::from_str::<Value>(data)
+            && let Some(c) = v
+                .pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+        {
+            out.push_str(c);
         }
     }
     (!out.is_empty()).then_some(out)

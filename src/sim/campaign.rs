@@ -65,13 +65,19 @@ pub struct Report {
 
 impl Report {
     pub fn seeds_per_second(&self) -> f64 {
-        if self.wall_seconds > 0.0 { self.seeds_run as f64 / self.wall_seconds } else { 0.0 }
+        if self.wall_seconds > 0.0 {
+            self.seeds_run as f64 / self.wall_seconds
+        } else {
+            0.0
+        }
     }
 }
 
 /// The command that replays one world.
 pub fn replay_command(seed: u64, origin: &str, variant: Variant, hash: &str) -> String {
-    format!("tavernsim replay --seed {seed} --scenario {origin} --variant {variant} --expect-hash {hash}")
+    format!(
+        "tavernsim replay --seed {seed} --scenario {origin} --variant {variant} --expect-hash {hash}"
+    )
 }
 
 struct Outcome {
@@ -103,14 +109,19 @@ pub fn run(spec: &CampaignSpec) -> Report {
                     }
                     let outcome = run_one(spec, index, per);
                     if !outcome.findings.is_empty() {
-                        let n = violations_seen.fetch_add(outcome.findings.len(), Ordering::Relaxed) + outcome.findings.len();
+                        let n = violations_seen
+                            .fetch_add(outcome.findings.len(), Ordering::Relaxed)
+                            + outcome.findings.len();
                         bar.set_message(format!("violations: {n}"));
                         if spec.stop_on_first {
                             stop.store(true, Ordering::Relaxed);
                         }
                     }
                     bar.inc(1);
-                    outcomes.lock().unwrap_or_else(|p| p.into_inner()).push(outcome);
+                    outcomes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(outcome);
                 }
             });
         }
@@ -122,7 +133,10 @@ pub fn run(spec: &CampaignSpec) -> Report {
         variant: spec.variant.to_string(),
         seeds_run: outcomes.len() as u64,
         sim_seconds: outcomes.iter().map(|o| o.sim_ms).sum::<u64>() as f64 / 1000.0,
-        harness_errors: outcomes.iter().filter_map(|o| o.harness_error.clone()).collect(),
+        harness_errors: outcomes
+            .iter()
+            .filter_map(|o| o.harness_error.clone())
+            .collect(),
         violations: outcomes.into_iter().flat_map(|o| o.findings).collect(),
         wall_seconds: started.elapsed().as_secs_f64(),
     }
@@ -149,8 +163,13 @@ fn run_one(spec: &CampaignSpec, index: usize, per: usize) -> Outcome {
             replay: replay_command(seed, &named.origin, spec.variant, &hash),
         })
         .collect();
-    let harness_error = (run.end == EndReason::HarnessError)
-        .then(|| format!("seed {seed} of {}: {}", named.origin, run.error.unwrap_or_default()));
+    let harness_error = (run.end == EndReason::HarnessError).then(|| {
+        format!(
+            "seed {seed} of {}: {}",
+            named.origin,
+            run.error.unwrap_or_default()
+        )
+    });
     Outcome {
         index,
         findings,
@@ -164,8 +183,10 @@ fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
         return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
     }
     let bar = ProgressBar::new(total);
-    let style = ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  {elapsed_precise}  {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} seeds  {per_sec}  {elapsed_precise}  {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_message("violations: 0");
     bar

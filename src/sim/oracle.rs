@@ -58,11 +58,19 @@ impl Walk {
         self.found
             .entry(invariant)
             .and_modify(|v| v.count += 1)
-            .or_insert_with(|| Violation { invariant, message: message(), t_us, count: 1 });
+            .or_insert_with(|| Violation {
+                invariant,
+                message: message(),
+                t_us,
+                count: 1,
+            });
     }
 
     fn user_of(&self, key: u64) -> &str {
-        self.admitted.get(&key).map(|(u, _)| u.as_str()).unwrap_or("?")
+        self.admitted
+            .get(&key)
+            .map(|(u, _)| u.as_str())
+            .unwrap_or("?")
     }
 }
 
@@ -75,14 +83,20 @@ pub fn check(events: &[Event], ending: &Ending, cancel_grace_us: u64) -> Vec<Vio
     if !ending.crashed {
         check_leak(&mut w, ending, events.last().map(|e| e.t_us).unwrap_or(0));
     }
-    INVARIANTS.iter().filter_map(|name| w.found.remove(name)).collect()
+    INVARIANTS
+        .iter()
+        .filter_map(|name| w.found.remove(name))
+        .collect()
 }
 
 fn step(w: &mut Walk, e: &Event, grace_us: u64) {
     let t = e.t_us;
     match e.kind.as_str() {
         "req.admit" => {
-            w.admitted.insert(e.u64("key"), (e.str("user").to_string(), e.str("fp").to_string()));
+            w.admitted.insert(
+                e.u64("key"),
+                (e.str("user").to_string(), e.str("fp").to_string()),
+            );
         }
         "req.release" => {
             w.released.insert(e.u64("key"));
@@ -96,7 +110,10 @@ fn step(w: &mut Walk, e: &Event, grace_us: u64) {
             let (key, op) = (e.u64("key"), e.str("op").to_string());
             let user = w.user_of(key).to_string();
             w.report("stale-access", t, || {
-                format!("request {key:#x} of user {user} was used after its release ({op}) at {}", secs(t))
+                format!(
+                    "request {key:#x} of user {user} was used after its release ({op}) at {}",
+                    secs(t)
+                )
             });
         }
         "client.write" => {
@@ -109,20 +126,21 @@ fn step(w: &mut Walk, e: &Event, grace_us: u64) {
             }
         }
         "tab.send" => {
-            w.owner.insert(e.str("fp").to_string(), e.str("user").to_string());
+            w.owner
+                .insert(e.str("fp").to_string(), e.str("user").to_string());
         }
         "tab.abandon" => {
             w.cancelled_at.entry(e.str("fp").to_string()).or_insert(t);
         }
         "upstream.attempt" => {
             let fp = e.str("fp");
-            if let Some(&left) = w.cancelled_at.get(fp) {
-                if t > left.saturating_add(grace_us) {
-                    let n = e.u64("attempt");
-                    w.report("attempt-after-cancel", t, || {
+            if let Some(&left) = w.cancelled_at.get(fp)
+                && t > left.saturating_add(grace_us)
+            {
+                let n = e.u64("attempt");
+                w.report("attempt-after-cancel", t, || {
                         format!("the upstream received attempt {n} of generation {fp} at {}, {} after its client left", secs(t), secs(t - left))
                     });
-                }
             }
         }
         "tab.recv" => {
@@ -158,7 +176,9 @@ fn step(w: &mut Walk, e: &Event, grace_us: u64) {
         }
         "world.proxy_crash" if !w.found.contains_key("proxy-crash") => {
             let reason = e.str("reason").to_string();
-            w.report("proxy-crash", t, || format!("the proxy host went down at {}: {reason}", secs(t)));
+            w.report("proxy-crash", t, || {
+                format!("the proxy host went down at {}: {reason}", secs(t))
+            });
         }
         _ => {}
     }
@@ -177,10 +197,18 @@ fn check_leak(w: &mut Walk, ending: &Ending, t: u64) {
         let msg = format!(
             "at the end of the world: {} requests still in the table (first: {}), {} request tasks alive, {} upstream connections open{}",
             live.requests,
-            if open.is_empty() { "none".into() } else { open.join(", ") },
+            if open.is_empty() {
+                "none".into()
+            } else {
+                open.join(", ")
+            },
             live.tasks,
             live.upstream_conns,
-            if ending.quiescent { "" } else { "; the world did not become quiescent" }
+            if ending.quiescent {
+                ""
+            } else {
+                "; the world did not become quiescent"
+            }
         );
         w.report("leak", t, || msg);
     }
@@ -196,44 +224,129 @@ mod tests {
     use serde_json::json;
 
     fn ev(t_us: u64, kind: &str, fields: serde_json::Value) -> Event {
-        let fields = fields.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        Event { t_us, host: "proxy".into(), kind: kind.into(), fields }
+        let fields = fields
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Event {
+            t_us,
+            host: "proxy".into(),
+            kind: kind.into(),
+            fields,
+        }
     }
 
     fn clean() -> Ending {
-        Ending { crashed: false, live: Live::default(), quiescent: true }
+        Ending {
+            crashed: false,
+            live: Live::default(),
+            quiescent: true,
+        }
     }
 
     /// One line per case: the events, and the invariant they must break
     /// (or None).
     #[test]
     fn each_invariant_fires_on_its_pattern_and_only_then() {
-        let admit = ev(0, "req.admit", json!({"key": 1, "user": "alice", "fp": "aa"}));
+        let admit = ev(
+            0,
+            "req.admit",
+            json!({"key": 1, "user": "alice", "fp": "aa"}),
+        );
         let release = ev(10, "req.release", json!({"key": 1}));
         let cases: Vec<(Vec<Event>, Option<&str>)> = vec![
-            (vec![admit.clone(), ev(5, "client.write", json!({"key": 1, "what": "end"})), release.clone()], None),
-            (vec![admit.clone(), release.clone(), ev(20, "client.write", json!({"key": 1, "what": "error"}))], Some("write-after-release")),
-            (vec![admit.clone(), release.clone(), ev(20, "req.stale", json!({"key": 1, "op": "x"}))], Some("stale-access")),
-            (vec![ev(0, "tab.abandon", json!({"fp": "aa"})), ev(100, "upstream.attempt", json!({"fp": "aa", "attempt": 2}))], None),
-            (vec![ev(0, "tab.abandon", json!({"fp": "aa"})), ev(1_000_000, "upstream.attempt", json!({"fp": "aa", "attempt": 2}))], Some("attempt-after-cancel")),
-            (vec![ev(0, "tab.recv", json!({"fp": "aa", "got": "aa", "user": "alice"}))], None),
-            (vec![ev(0, "tab.recv", json!({"fp": "aa", "got": "bb", "user": "alice"}))], Some("cross-user-delivery")),
-            (vec![admit.clone(), ev(20, "proxy.exit", json!({"key": 1, "reason": "boom"}))], Some("proxy-crash")),
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    release.clone(),
+                ],
+                None,
+            ),
+            (
+                vec![
+                    admit.clone(),
+                    release.clone(),
+                    ev(20, "client.write", json!({"key": 1, "what": "error"})),
+                ],
+                Some("write-after-release"),
+            ),
+            (
+                vec![
+                    admit.clone(),
+                    release.clone(),
+                    ev(20, "req.stale", json!({"key": 1, "op": "x"})),
+                ],
+                Some("stale-access"),
+            ),
+            (
+                vec![
+                    ev(0, "tab.abandon", json!({"fp": "aa"})),
+                    ev(100, "upstream.attempt", json!({"fp": "aa", "attempt": 2})),
+                ],
+                None,
+            ),
+            (
+                vec![
+                    ev(0, "tab.abandon", json!({"fp": "aa"})),
+                    ev(
+                        1_000_000,
+                        "upstream.attempt",
+                        json!({"fp": "aa", "attempt": 2}),
+                    ),
+                ],
+                Some("attempt-after-cancel"),
+            ),
+            (
+                vec![ev(
+                    0,
+                    "tab.recv",
+                    json!({"fp": "aa", "got": "aa", "user": "alice"}),
+                )],
+                None,
+            ),
+            (
+                vec![ev(
+                    0,
+                    "tab.recv",
+                    json!({"fp": "aa", "got": "bb", "user": "alice"}),
+                )],
+                Some("cross-user-delivery"),
+            ),
+            (
+                vec![
+                    admit.clone(),
+                    ev(20, "proxy.exit", json!({"key": 1, "reason": "boom"})),
+                ],
+                Some("proxy-crash"),
+            ),
         ];
         for (i, (events, want)) in cases.into_iter().enumerate() {
             let crashed = want == Some("proxy-crash");
             let ending = Ending { crashed, ..clean() };
-            let got: Vec<_> = check(&events, &ending, 200_000).into_iter().map(|v| v.invariant).collect();
+            let got: Vec<_> = check(&events, &ending, 200_000)
+                .into_iter()
+                .map(|v| v.invariant)
+                .collect();
             assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "case {i}");
         }
     }
 
     #[test]
     fn leak_fires_on_unreleased_request_or_live_counts() {
-        let events = vec![ev(0, "req.admit", json!({"key": 7, "user": "bob", "fp": "cc"}))];
+        let events = vec![ev(
+            0,
+            "req.admit",
+            json!({"key": 7, "user": "bob", "fp": "cc"}),
+        )];
         let v = check(&events, &clean(), 0);
         assert_eq!(v[0].invariant, "leak");
-        let live = Live { tasks: 1, ..Live::default() };
+        let live = Live {
+            tasks: 1,
+            ..Live::default()
+        };
         let v = check(&[], &Ending { live, ..clean() }, 0);
         assert_eq!(v[0].invariant, "leak");
         assert!(check(&[], &clean(), 0).is_empty());
@@ -242,13 +355,33 @@ mod tests {
     #[test]
     fn crash_report_counts_other_users() {
         let events = vec![
-            ev(0, "req.admit", json!({"key": 1, "user": "alice", "fp": "a"})),
+            ev(
+                0,
+                "req.admit",
+                json!({"key": 1, "user": "alice", "fp": "a"}),
+            ),
             ev(0, "req.admit", json!({"key": 2, "user": "bob", "fp": "b"})),
-            ev(0, "req.admit", json!({"key": 3, "user": "carol", "fp": "c"})),
+            ev(
+                0,
+                "req.admit",
+                json!({"key": 3, "user": "carol", "fp": "c"}),
+            ),
             ev(1, "req.release", json!({"key": 1})),
             ev(2, "proxy.exit", json!({"key": 1, "reason": "AbortError"})),
         ];
-        let v = check(&events, &Ending { crashed: true, ..clean() }, 0);
-        assert!(v[0].message.contains("2 requests in flight died with it, 2 of them from 2 other users"), "{}", v[0].message);
+        let v = check(
+            &events,
+            &Ending {
+                crashed: true,
+                ..clean()
+            },
+            0,
+        );
+        assert!(
+            v[0].message
+                .contains("2 requests in flight died with it, 2 of them from 2 other users"),
+            "{}",
+            v[0].message
+        );
     }
 }

@@ -13,8 +13,14 @@ use crate::upstream::UpstreamScript;
 
 /// The scenarios compiled into the binary, run by `fuzz` by default.
 pub const EMBEDDED: &[(&str, &str)] = &[
-    ("refresh-during-retry", include_str!("../../sims/refresh-during-retry.toml")),
-    ("streaming-refresh", include_str!("../../sims/streaming-refresh.toml")),
+    (
+        "refresh-during-retry",
+        include_str!("../../sims/refresh-during-retry.toml"),
+    ),
+    (
+        "streaming-refresh",
+        include_str!("../../sims/streaming-refresh.toml"),
+    ),
 ];
 
 /// Limits that keep one world bounded whatever a scenario asks for.
@@ -116,10 +122,15 @@ impl Scenario {
         }
         let meta = std::fs::metadata(path).map_err(|e| format!("{name_or_path}: {e}"))?;
         if meta.len() > 1024 * 1024 {
-            return Err(format!("{name_or_path}: a scenario file must be under 1 MiB"));
+            return Err(format!(
+                "{name_or_path}: a scenario file must be under 1 MiB"
+            ));
         }
         let text = std::fs::read_to_string(path).map_err(|e| format!("{name_or_path}: {e}"))?;
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("custom");
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("custom");
         Self::parse(&text, stem)
     }
 
@@ -127,16 +138,21 @@ impl Scenario {
     pub fn defaults() -> Vec<Self> {
         EMBEDDED
             .iter()
-            .map(|(n, t)| Self::parse(t, n).unwrap_or_else(|e| panic!("embedded scenario {n} is invalid: {e}")))
+            .map(|(n, t)| {
+                Self::parse(t, n)
+                    .unwrap_or_else(|e| panic!("embedded scenario {n} is invalid: {e}"))
+            })
             .collect()
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self, String> {
-        let mut s: Scenario = toml::from_str(text).map_err(|e| format!("scenario {origin}: {e}"))?;
+        let mut s: Scenario =
+            toml::from_str(text).map_err(|e| format!("scenario {origin}: {e}"))?;
         if s.name.is_empty() || s.name == "custom" {
             s.name = origin.to_string();
         }
-        s.validate().map_err(|e| format!("scenario {origin}: {e}"))?;
+        s.validate()
+            .map_err(|e| format!("scenario {origin}: {e}"))?;
         Ok(s)
     }
 
@@ -144,16 +160,27 @@ impl Scenario {
         let ranges = [
             ("users", self.users, 1, USERS_MAX),
             ("tabs_per_user", self.tabs_per_user, 1, TABS_PER_USER_MAX),
-            ("generations_per_tab", self.generations_per_tab, 1, GENERATIONS_PER_TAB_MAX),
+            (
+                "generations_per_tab",
+                self.generations_per_tab,
+                1,
+                GENERATIONS_PER_TAB_MAX,
+            ),
         ];
         for (name, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {
                 return Err(format!("{name} = {v}: must be within {lo}..={hi}"));
             }
         }
-        for (name, p) in [("p_stream", self.p_stream), ("p_refresh", self.p_refresh), ("p_resend", self.p_resend)] {
+        for (name, p) in [
+            ("p_stream", self.p_stream),
+            ("p_refresh", self.p_refresh),
+            ("p_resend", self.p_resend),
+        ] {
             if !(0.0..=1.0).contains(&p) {
-                return Err(format!("{name} = {p}: a probability must be within 0.0..=1.0"));
+                return Err(format!(
+                    "{name} = {p}: a probability must be within 0.0..=1.0"
+                ));
             }
         }
         if self.page_load_ms_min > self.page_load_ms_max {
@@ -161,7 +188,10 @@ impl Scenario {
         }
         let w = &self.world;
         if !(1..=1_000).contains(&w.tick_ms) {
-            return Err(format!("world.tick_ms = {}: must be within 1..=1000", w.tick_ms));
+            return Err(format!(
+                "world.tick_ms = {}: must be within 1..=1000",
+                w.tick_ms
+            ));
         }
         if w.latency_ms_min > w.latency_ms_max {
             return Err("world.latency_ms_min must not exceed world.latency_ms_max".into());
@@ -197,8 +227,15 @@ mod tests {
         ];
         for (text, field) in cases {
             let err = Scenario::parse(text, "t").unwrap_err();
-            assert!(err.contains(field), "{text:?} gave {err:?}, which does not name {field}");
+            assert!(
+                err.contains(field),
+                "{text:?} gave {err:?}, which does not name {field}"
+            );
         }
-        assert!(Scenario::load("no-such-scenario").unwrap_err().contains("refresh-during-retry"));
+        assert!(
+            Scenario::load("no-such-scenario")
+                .unwrap_err()
+                .contains("refresh-during-retry")
+        );
     }
 }

@@ -37,7 +37,10 @@ impl Event {
         self.fields.get(name).and_then(Value::as_str).unwrap_or("")
     }
     pub fn bool(&self, name: &str) -> bool {
-        self.fields.get(name).and_then(Value::as_bool).unwrap_or(false)
+        self.fields
+            .get(name)
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
     pub fn t_ms(&self) -> f64 {
         self.t_us as f64 / 1000.0
@@ -57,6 +60,9 @@ pub struct Live {
 struct Inner {
     events: Vec<Event>,
     live: Live,
+    /// Set when the world has ended: tearing a world down drops tasks in
+    /// an order tokio does not promise, so nothing after the end counts.
+    frozen: bool,
 }
 
 /// The events of one world, shared by the layer and the driver.
@@ -95,6 +101,11 @@ impl Recorder {
         self.len() >= self.events_max
     }
 
+    /// Stops recording: the world has ended.
+    pub fn freeze(&self) {
+        self.lock().frozen = true;
+    }
+
     pub fn take(&self) -> Vec<Event> {
         std::mem::take(&mut self.lock().events)
     }
@@ -103,6 +114,9 @@ impl Recorder {
     /// takes the time of the event before it.
     fn push(&self, mut e: Event) {
         let mut inner = self.lock();
+        if inner.frozen {
+            return;
+        }
         if e.t_us == u64::MAX {
             e.t_us = inner.events.last().map(|l| l.t_us).unwrap_or(0);
         }
@@ -197,7 +211,8 @@ impl Visit for FieldMap {
         self.0.insert(f.name().into(), Value::from(v));
     }
     fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
-        self.0.insert(f.name().into(), Value::from(format!("{v:?}")));
+        self.0
+            .insert(f.name().into(), Value::from(format!("{v:?}")));
     }
 }
 

@@ -97,7 +97,8 @@ fn user_password(i: u32) -> String {
 pub fn run_world(spec: &WorldSpec) -> WorldRun {
     let recorder = Recorder::new(EVENTS_MAX);
     let subscriber = tracing_subscriber::registry().with(TraceLayer::new(recorder.clone()));
-    let (end, sim_ms, error) = tracing::subscriber::with_default(subscriber, || drive(spec, &recorder));
+    let (end, sim_ms, error) =
+        tracing::subscriber::with_default(subscriber, || drive(spec, &recorder));
     let live = recorder.live();
     let events = recorder.take();
     let ending = Ending {
@@ -125,7 +126,8 @@ fn users_for(sc: &Scenario, seed: u64) -> UserStore {
         let mut salt16 = [0u8; 16];
         salt16[..8].copy_from_slice(&salt);
         salt16[8..].copy_from_slice(&salt);
-        user.password_hash = hash_password(&user_password(i), &salt16, HashCost::Simulation).unwrap_or_default();
+        user.password_hash =
+            hash_password(&user_password(i), &salt16, HashCost::Simulation).unwrap_or_default();
         user.token_sha256 = Some(token_digest(&format!("token-{i}")));
         let _ = store.create(user);
     }
@@ -141,7 +143,9 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
         .tick_duration(Duration::from_millis(w.tick_ms))
         .min_message_latency(Duration::from_millis(w.latency_ms_min))
         .max_message_latency(Duration::from_millis(w.latency_ms_max))
-        .simulation_duration(Duration::from_millis(w.sim_ms_max + w.quiesce_ms_max + 1_000))
+        .simulation_duration(Duration::from_millis(
+            w.sim_ms_max + w.quiesce_ms_max + 1_000,
+        ))
         .build();
 
     let script = sc.upstream.clone();
@@ -149,7 +153,11 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
     sim.host(UPSTREAM_HOST, move || {
         let mock = MockUpstream::new(script.clone(), upstream_seed);
         async move {
-            let listener = Listener::bind(Transport::Turmoil, SocketAddr::from((Ipv4Addr::UNSPECIFIED, UPSTREAM_PORT))).await?;
+            let listener = Listener::bind(
+                Transport::Turmoil,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, UPSTREAM_PORT)),
+            )
+            .await?;
             serve(listener, upstream::app(mock), ServeLimits::default()).await?;
             Ok(())
         }
@@ -171,14 +179,29 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
         let users = users.clone();
         let exited = Arc::clone(&exited);
         async move {
-            let upstream = forward::Upstream::new(Transport::Turmoil, &cfg.upstream_url, None, cfg.upstream_idle_per_host_max)?;
-            let secret = SessionSecret::from_bytes(derive_seed(proxy_seed, 1).to_le_bytes().repeat(4).try_into().unwrap_or([7; 32]));
+            let upstream = forward::Upstream::new(
+                Transport::Turmoil,
+                &cfg.upstream_url,
+                None,
+                cfg.upstream_idle_per_host_max,
+            )?;
+            let secret = SessionSecret::from_bytes(
+                derive_seed(proxy_seed, 1)
+                    .to_le_bytes()
+                    .repeat(4)
+                    .try_into()
+                    .unwrap_or([7; 32]),
+            );
             let clock = Clock::from_fn(|| UNIX_EPOCH + turmoil::since_epoch().unwrap_or_default());
             let exit = ExitHook::from_fn(move |reason: &str| {
                 *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
             });
             let state = ProxyState::new(cfg, users, secret, upstream, proxy_seed, clock, exit);
-            let listener = Listener::bind(Transport::Turmoil, SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT))).await?;
+            let listener = Listener::bind(
+                Transport::Turmoil,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT)),
+            )
+            .await?;
             serve(listener, app(state), ServeLimits::default()).await?;
             Ok(())
         }
@@ -215,6 +238,22 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
 fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<String>) {
     let exited = Arc::new(Mutex::new(None::<String>));
     let mut sim = build_sim(spec, Arc::clone(&exited));
+    let ended = step_to_end(spec, recorder, &mut sim, &exited);
+    // Freeze before the world is torn down (the proxy crash included):
+    // teardown drops tasks in an order that is not part of the run.
+    recorder.freeze();
+    if ended.0 == EndReason::ProxyCrashed && sim.is_host_running(PROXY_HOST) {
+        sim.crash(PROXY_HOST);
+    }
+    ended
+}
+
+fn step_to_end(
+    spec: &WorldSpec,
+    recorder: &Recorder,
+    sim: &mut turmoil::Sim<'static>,
+    exited: &Mutex<Option<String>>,
+) -> (EndReason, u64, Option<String>) {
     let w = &spec.scenario.world;
     let mut clients_done_at: Option<Duration> = None;
     loop {
@@ -222,7 +261,6 @@ fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<Strin
         let now = sim.elapsed();
         let ms = now.as_millis() as u64;
         if let Some(reason) = exited.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            sim.crash(PROXY_HOST);
             events::world_proxy_crash(&reason);
             return (EndReason::ProxyCrashed, ms, None);
         }
@@ -238,7 +276,11 @@ fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<Strin
             }
         };
         if recorder.overflowed() {
-            return (EndReason::TimeLimit, ms, Some(format!("more than {EVENTS_MAX} events")));
+            return (
+                EndReason::TimeLimit,
+                ms,
+                Some(format!("more than {EVENTS_MAX} events")),
+            );
         }
         if done {
             let since = *clients_done_at.get_or_insert(now);

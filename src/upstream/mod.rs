@@ -75,9 +75,15 @@ impl Default for UpstreamScript {
 impl UpstreamScript {
     /// Checks the script's values; the error names the bad field.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, p) in [("p_429", self.p_429), ("p_retry_after", self.p_retry_after), ("p_5xx", self.p_5xx)] {
+        for (name, p) in [
+            ("p_429", self.p_429),
+            ("p_retry_after", self.p_retry_after),
+            ("p_5xx", self.p_5xx),
+        ] {
             if !(0.0..=1.0).contains(&p) {
-                return Err(format!("upstream.{name} = {p}: a probability must be within 0.0..=1.0"));
+                return Err(format!(
+                    "upstream.{name} = {p}: a probability must be within 0.0..=1.0"
+                ));
             }
         }
         if self.p_429 + self.p_5xx > 1.0 {
@@ -86,7 +92,10 @@ impl UpstreamScript {
         if self.delay_ms_min > self.delay_ms_max {
             return Err("upstream.delay_ms_min must not exceed upstream.delay_ms_max".into());
         }
-        if self.delay_ms_max > 600_000 || self.retry_after_s_max > 3_600 || self.chunk_gap_ms > 60_000 {
+        if self.delay_ms_max > 600_000
+            || self.retry_after_s_max > 3_600
+            || self.chunk_gap_ms > 60_000
+        {
             return Err("upstream: delay_ms_max <= 600000, retry_after_s_max <= 3600, chunk_gap_ms <= 60000".into());
         }
         if !(1..=1_000).contains(&self.stream_chunks) {
@@ -107,8 +116,12 @@ pub enum Answer {
 impl Answer {
     fn name(self) -> &'static str {
         match self {
-            Answer::TooMany { retry_after_s: Some(_) } => "429-retry-after",
-            Answer::TooMany { retry_after_s: None } => "429",
+            Answer::TooMany {
+                retry_after_s: Some(_),
+            } => "429-retry-after",
+            Answer::TooMany {
+                retry_after_s: None,
+            } => "429",
             Answer::ServerError(_) => "5xx",
             Answer::Complete => "complete",
         }
@@ -192,19 +205,37 @@ fn content_text(v: &Value) -> String {
 pub fn fingerprint_in(text: &str) -> Option<&str> {
     let start = text.find("fp=")? + 3;
     let candidate = text.get(start..start + FINGERPRINT_CHARS)?;
-    candidate.bytes().all(|b| b.is_ascii_hexdigit()).then_some(candidate)
+    candidate
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then_some(candidate)
 }
 
 async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) -> Response {
     if body.len() > BODY_BYTES_MAX {
-        return openai_error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", "invalid_request_error");
+        return openai_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+            "invalid_request_error",
+        );
     }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return openai_error(StatusCode::BAD_REQUEST, "request body is not JSON", "invalid_request_error");
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "request body is not JSON",
+            "invalid_request_error",
+        );
     };
     let fp = fingerprint(request.get("messages").unwrap_or(&Value::Null));
-    let user = request.get("user").and_then(Value::as_str).unwrap_or("").to_string();
-    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let user = request
+        .get("user")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let attempt = mock.count_attempt(&fp);
     let (answer, delay) = mock.decide();
     events::upstream_attempt(&fp, attempt, &user, answer.name());
@@ -228,13 +259,18 @@ fn too_many(retry_after_s: Option<u64>) -> Response {
         "requests",
     );
     if let Some(s) = retry_after_s {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
     resp
 }
 
 fn openai_error(status: StatusCode, message: &str, kind: &str) -> Response {
-    let code = if status == StatusCode::TOO_MANY_REQUESTS { json!("rate_limit_exceeded") } else { Value::Null };
+    let code = if status == StatusCode::TOO_MANY_REQUESTS {
+        json!("rate_limit_exceeded")
+    } else {
+        Value::Null
+    };
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     (status, axum::Json(body)).into_response()
 }
@@ -268,13 +304,16 @@ fn stream_completion(script: &UpstreamScript, fp: &str) -> Response {
         })
         .collect();
     frames.push("data: [DONE]\n\n".to_string());
-    let stream = futures::stream::unfold((frames.into_iter(), true), move |(mut it, first)| async move {
-        let frame = it.next()?;
-        if !first {
-            tokio::time::sleep(gap).await;
-        }
-        Some((Ok::<_, Infallible>(Bytes::from(frame)), (it, false)))
-    });
+    let stream = futures::stream::unfold(
+        (frames.into_iter(), true),
+        move |(mut it, first)| async move {
+            let frame = it.next()?;
+            if !first {
+                tokio::time::sleep(gap).await;
+            }
+            Some((Ok::<_, Infallible>(Bytes::from(frame)), (it, false)))
+        },
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -287,7 +326,10 @@ fn split_even(text: &str, n: usize) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     let n = n.clamp(1, chars.len().max(1));
     let size = chars.len().div_ceil(n);
-    chars.chunks(size.max(1)).map(|c| c.iter().collect()).collect()
+    chars
+        .chunks(size.max(1))
+        .map(|c| c.iter().collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -316,7 +358,10 @@ mod tests {
 
     #[test]
     fn script_validation_names_the_field() {
-        let bad = UpstreamScript { p_429: 1.5, ..Default::default() };
+        let bad = UpstreamScript {
+            p_429: 1.5,
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().contains("p_429"));
         assert!(UpstreamScript::default().validate().is_ok());
     }
