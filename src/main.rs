@@ -13,6 +13,19 @@ use tavernsim::sim::scenario::{EMBEDDED, Scenario};
 use tavernsim::sim::trace::to_json_lines;
 use tavernsim::sim::world::{WorldSpec, run_world};
 
+/// Prints a line to stdout; a closed pipe (`| head`) ends the program
+/// quietly instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// Deterministic simulation harness for refresh-during-retry defects in
 /// multi-user LLM chat proxies.
 #[derive(Parser)]
@@ -28,11 +41,42 @@ enum Command {
     /// broken invariant with the command that replays it.
     ///
     /// Exit status: 0 when no invariant broke, 1 when one did, 2 for bad
-    /// usage.
+    /// usage, 3 when the harness itself failed on a seed.
+    #[command(after_help = FUZZ_AFTER_HELP)]
     Fuzz(FuzzArgs),
     /// Run one world again and print its verdict and trace hash.
     Replay(ReplayArgs),
+    /// Print what the proxy decides for one upstream answer (or for every
+    /// case of a fixtures file), as JSON:
+    /// {"decision":"retry"|"backoff"|"give-up"|"success","wait_ms":N|null,"reason":"..."}
+    Classify(ClassifyArgs),
 }
+
+#[derive(Parser)]
+struct ClassifyArgs {
+    /// The answer's HTTP status.
+    #[arg(long, required_unless_present = "cases", value_parser = clap::value_parser!(u16).range(100..=999))]
+    status: Option<u16>,
+    /// A response header, "name: value"; repeatable.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// The response body as text.
+    #[arg(long, conflicts_with = "body_file")]
+    body: Option<String>,
+    /// Read the response body from FILE.
+    #[arg(long, value_name = "FILE")]
+    body_file: Option<PathBuf>,
+    /// A JSON array of cases in the provider-429 fixtures format; prints one
+    /// decision per case, in order, one per line.
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["status", "headers", "body", "body_file"])]
+    cases: Option<PathBuf>,
+    /// A hint longer than this (ms) means give up now.
+    #[arg(long, default_value_t = 60_000)]
+    wait_ms_max: u64,
+}
+
+const FUZZ_AFTER_HELP: &str = "Embedded scenarios: refresh-during-retry, streaming-refresh.\n\
+Each violation prints a replay command; run it as `cargo run --release -- replay ...`.";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
@@ -51,7 +95,7 @@ struct FuzzArgs {
     /// The proxy under test: fixed, sillytavern-1.12.6 or sillytavern-1.12.7.
     #[arg(long, default_value = "fixed", value_parser = parse_variant)]
     variant: Variant,
-    /// A scenario name (see below) or a path to a scenario TOML file;
+    /// An embedded scenario's name (listed below) or a path to a scenario TOML file;
     /// repeat for several. Default: every embedded scenario.
     #[arg(long = "scenario", value_name = "NAME|FILE")]
     scenarios: Vec<String>,
@@ -114,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Fuzz(args) => fuzz(args),
         Command::Replay(args) => replay(args),
+        Command::Classify(args) => classify(args),
     }
 }
 
@@ -153,7 +198,7 @@ fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     };
     let report = campaign::run(&spec);
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
         Format::Text => print_text(&spec, &report),
     }
     if !report.harness_errors.is_empty() {
@@ -172,7 +217,7 @@ fn print_text(spec: &CampaignSpec, r: &Report) {
         .iter()
         .map(|s| s.scenario.name.as_str())
         .collect();
-    println!(
+    outln!(
         "variant {}: {} seeds of {} in {:.1}s ({:.1} seeds/s, {:.0} simulated seconds, {:.0}x real time)",
         r.variant,
         r.seeds_run,
@@ -187,23 +232,26 @@ fn print_text(spec: &CampaignSpec, r: &Report) {
         },
     );
     for e in &r.harness_errors {
-        println!("HARNESS ERROR {e}");
+        outln!("HARNESS ERROR {e}");
     }
     if r.violations.is_empty() {
-        println!("clean: no invariant broke");
+        outln!("clean: no invariant broke");
         return;
     }
-    println!("{} violations:", r.violations.len());
+    outln!("{} violations:", r.violations.len());
     for v in &r.violations {
-        println!(
+        outln!(
             "\nseed {} scenario {} variant {}: {}",
-            v.seed, v.scenario, r.variant, v.invariant
+            v.seed,
+            v.scenario,
+            r.variant,
+            v.invariant
         );
-        println!("  {}", v.message);
-        println!("  replay: {}", v.replay);
+        outln!("  {}", v.message);
+        outln!("  replay: {}", v.replay);
     }
     if spec.stop_on_first {
-        println!("\n(stopped at the first violating seed; --keep-going runs every seed)");
+        outln!("\n(stopped at the first violating seed; --keep-going runs every seed)");
     }
 }
 
@@ -218,7 +266,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(path, to_json_lines(&run.events))
             .with_context(|| format!("could not write the trace to {}", path.display()))?;
     }
-    println!(
+    outln!(
         "seed {} scenario {} variant {}: {} events, {:.3} simulated seconds, ended {:?}",
         args.seed,
         args.scenario,
@@ -228,13 +276,13 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         run.end
     );
     if let Some(e) = &run.error {
-        println!("error: {e}");
+        outln!("error: {e}");
     }
     if run.violations.is_empty() {
-        println!("verdict: clean");
+        outln!("verdict: clean");
     }
     for v in &run.violations {
-        println!(
+        outln!(
             "verdict: {} at {:.3}s ({}x): {}",
             v.invariant,
             v.t_us as f64 / 1e6,
@@ -242,19 +290,117 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             v.message
         );
     }
-    println!("trace hash: {}", run.trace_hash);
+    outln!("trace hash: {}", run.trace_hash);
     if let Some(expected) = &args.expect_hash {
         if *expected != run.trace_hash {
-            println!(
+            outln!(
                 "trace hash differs from the expected {expected}: this build does not replay that run exactly"
             );
             return Ok(ExitCode::from(1));
         }
-        println!("trace hash matches");
+        outln!("trace hash matches");
     }
     Ok(if run.violations.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Largest body or cases file `classify` reads.
+const CLASSIFY_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+fn read_bounded(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len > CLASSIFY_FILE_BYTES_MAX {
+        anyhow::bail!(
+            "{} is larger than {CLASSIFY_FILE_BYTES_MAX} bytes",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// "Now" for a recorded answer: its own Date header when it has one (the
+/// moment it was sent), else the current time.
+fn answer_now(headers: &http::HeaderMap) -> std::time::SystemTime {
+    headers
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+        .unwrap_or_else(std::time::SystemTime::now)
+}
+
+fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    use tavernsim::proxy::classify::{ClassifyLimits, classify, classify_case};
+    let limits = ClassifyLimits {
+        wait_ms_max: args.wait_ms_max,
+    };
+    if let Some(path) = &args.cases {
+        let cases: Vec<serde_json::Value> = serde_json::from_slice(&read_bounded(path)?)
+            .with_context(|| format!("{} is not a JSON array of cases", path.display()))?;
+        for (i, case) in cases.iter().enumerate() {
+            let mut headers = http::HeaderMap::new();
+            if let Some(date) = case
+                .pointer("/headers/date")
+                .or(case.pointer("/headers/Date"))
+                .and_then(|v| v.as_str())
+            {
+                if let Ok(v) = http::HeaderValue::from_str(date) {
+                    headers.insert(http::header::DATE, v);
+                }
+            }
+            let c = classify_case(case, answer_now(&headers), &limits)
+                .map_err(|e| anyhow::anyhow!("case {i} of {}: {e}", path.display()))?;
+            outln!("{}", serde_json::to_string(&c)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = args
+        .status
+        .context("--status is required (or give --cases FILE)")?;
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("--header '{h}' must look like 'name: value'"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .with_context(|| format!("--header '{h}': '{}' is not a header name", name.trim()))?;
+        let value = http::HeaderValue::from_str(value.trim())
+            .with_context(|| format!("--header '{h}': the value is not a valid header value"))?;
+        headers.append(name, value);
+    }
+    let body = match (&args.body, &args.body_file) {
+        (Some(b), _) => b.as_bytes().to_vec(),
+        (None, Some(path)) => read_bounded(path)?,
+        (None, None) => Vec::new(),
+    };
+    let c = classify(status, &headers, &body, answer_now(&headers), &limits);
+    outln!("{}", serde_json::to_string(&c)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_lists_every_embedded_scenario() {
+        for (name, _) in EMBEDDED {
+            assert!(
+                FUZZ_AFTER_HELP.contains(name),
+                "fuzz --help does not list {name}"
+            );
+        }
+        Cli::command_for_test();
+    }
+
+    impl Cli {
+        fn command_for_test() {
+            use clap::CommandFactory;
+            Cli::command().debug_assert();
+        }
+    }
 }
