@@ -41,6 +41,9 @@
 //! 5. Retryable: no hint -> `Backoff`; a 0 ms hint (or past date) -> `Backoff`
 //!    (an immediate retry invites a storm); hint <= `wait_ms_max` -> `Retry`;
 //!    longer -> `GiveUp` with `wait_ms` = the hint, to tell the client when.
+//! 6. An overloaded provider (503, 529, `overloaded_error`, capacity
+//!    wording) that would be `Retry` is `Backoff` with the hint kept in
+//!    `wait_ms` as the least wait.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -245,7 +248,30 @@ fn decide(
         let why = format!("{ctx}status {}: not retryable", failure.status);
         return verdict(Decision::GiveUp, None, why);
     }
-    decide_by_hint(ctx, hint, limits)
+    let c = decide_by_hint(ctx, hint, limits);
+    if c.decision == Decision::Retry && is_overload(failure.status, scan) {
+        // Server-side trouble, not the caller's rate: back off on our own
+        // schedule, never sooner than the hint (kept as `wait_ms`).
+        let why = format!("{}; overloaded: backoff, hint as floor", c.reason);
+        return verdict(Decision::Backoff, c.wait_ms, why);
+    }
+    c
+}
+
+/// The provider is overloaded (its capacity, not the caller's quota): 503,
+/// 529, `overloaded_error`, or capacity wording in a 429.
+fn is_overload(status: u16, scan: &BodyScan) -> bool {
+    let kind = scan
+        .error
+        .as_ref()
+        .and_then(|e| e.kind.as_deref())
+        .unwrap_or("");
+    let message = scan.message().to_ascii_lowercase();
+    matches!(status, 503 | 529)
+        || kind.contains("overloaded")
+        || ["overloaded", "high demand", "capacity", "peak load"]
+            .iter()
+            .any(|w| message.contains(w))
 }
 
 fn decide_by_hint(ctx: &str, hint: Option<Hint>, limits: &ClassifyLimits) -> Classification {
@@ -1125,7 +1151,10 @@ mod tests {
     fn allowed(retry: &str) -> &'static [Decision] {
         match retry {
             "quota" => &[Decision::GiveUp],
-            "transient" | "overloaded" => &[Decision::Retry, Decision::Backoff],
+            // A transient limit waits for its hint (or gives up with it when
+            // it is too long); an overload always backs off.
+            "transient" => &[Decision::Retry, Decision::Backoff, Decision::GiveUp],
+            "overloaded" => &[Decision::Backoff],
             other => panic!("unknown retry class {other:?}"),
         }
     }
@@ -1179,7 +1208,7 @@ mod tests {
         ("azure-openai", "call rate limit (RPM)", Decision::Retry, Some(3_000), "retry-after-ms header"),
         ("azure-openai", "2025 wording", Decision::Retry, Some(60_000), "hint in message text"),
         ("azure-openai", "short-form", Decision::Retry, Some(50_000), "hint in message text"),
-        ("azure-openai", "peak-load", Decision::Retry, Some(20_000), "hint in message text"),
+        ("azure-openai", "peak-load", Decision::Backoff, Some(20_000), "hint in message text"),
         ("azure-openai", "provisioned (PTU)", Decision::Retry, Some(1_250), "retry-after-ms header"),
         ("anthropic", "full header set incl. retry-after", Decision::Retry, Some(16_000), "retry-after header"),
         ("anthropic", "NO retry-after", Decision::Retry, Some(1_000), "anthropic-ratelimit-requests-reset header"),
@@ -1526,13 +1555,15 @@ mod tests {
         assert_eq!(ns_to_ms_ceil(6_780_999_999), 6_781);
     }
 
-    /// Retry waits are positive and within the limit; Backoff carries no wait;
-    /// GiveUp carries a wait only when it is too long.
+    /// Retry waits are positive and within the limit; Backoff carries at most
+    /// an overload's floor within the limit; GiveUp carries a wait only when
+    /// it is too long.
     fn check_invariants(got: &Classification, limits: &ClassifyLimits) {
         let in_limit = |w: u64| w > 0 && w <= limits.wait_ms_max;
         match got.decision {
             Retry => assert!(got.wait_ms.is_some_and(in_limit), "{got:?}"),
-            Backoff | Decision::Success => assert_eq!(got.wait_ms, None, "{got:?}"),
+            Backoff => assert!(got.wait_ms.is_none_or(in_limit), "{got:?}"),
+            Decision::Success => assert_eq!(got.wait_ms, None, "{got:?}"),
             GiveUp => assert!(
                 got.wait_ms.is_none_or(|w| w > limits.wait_ms_max),
                 "{got:?}"

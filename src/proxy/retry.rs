@@ -114,7 +114,16 @@ impl RetryPolicy {
                 }
                 hint.saturating_add(rng.random_range(0..=self.hint_jitter_ms_max))
             }
-            Decision::Backoff => rng.random_range(0..=self.backoff_ceiling_ms(attempt)),
+            // An overloaded provider's hint is a floor under our own backoff.
+            Decision::Backoff => {
+                let floor = c.wait_ms.unwrap_or(0);
+                if floor > self.wait_ms_max {
+                    return Next::GiveUp {
+                        retry_after_ms: Some(floor),
+                    };
+                }
+                floor.saturating_add(rng.random_range(0..=self.backoff_ceiling_ms(attempt)))
+            }
         };
         if attempt >= self.attempts_max {
             return Next::GiveUp {
@@ -183,6 +192,26 @@ mod tests {
                     "attempt {attempt}: {wait_ms} > {ceiling}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn an_overload_hint_is_a_floor_under_backoff() {
+        let p = RetryPolicy::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for attempt in 1..p.attempts_max {
+            let Next::Wait { wait_ms } = p.next(
+                &class(Decision::Backoff, Some(4_000)),
+                attempt,
+                u64::MAX,
+                &mut rng,
+            ) else {
+                panic!("expected a wait");
+            };
+            assert!(
+                wait_ms >= 4_000,
+                "attempt {attempt}: {wait_ms} is below the server's floor"
+            );
         }
     }
 
