@@ -14,11 +14,16 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::classify::{ClassifyLimits, Decision, classify};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use super::classify::{Classification, ClassifyLimits, Decision, classify};
+use super::fair::Permit;
 use super::forward::{self, ForwardError};
-use super::requests::{Phase, RequestGuard};
+use super::gate::{GateState, wake_at};
+use super::requests::{Phase, RequestGuard, RequestKey};
 use super::retry::Next;
-use super::{Dialect, Job};
+use super::{Dialect, Job, ProxyState};
 use crate::events;
 
 /// How a request ended without a completion.
@@ -29,116 +34,266 @@ struct GiveUp {
     quota: bool,
 }
 
+/// Per-request context of the retry loop.
+struct Ctx<'a> {
+    state: &'a ProxyState,
+    key: RequestKey,
+    cancel: &'a CancellationToken,
+    deadline: Instant,
+    /// Which upstream key the gate and budget count against.
+    upstream_id: String,
+}
+
+impl Ctx<'_> {
+    fn remaining_ms(&self) -> u64 {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64
+    }
+}
+
 pub async fn run(job: Job) -> Response {
     let Job {
         state,
         guard,
+        user,
         body,
         stream,
         dialect,
         user_key,
     } = job;
     let key = guard.key();
-    let id = key.id();
     let table = guard.table().clone();
     let Ok(cancel) = table.cancel_token(key) else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
+    let upstream_id = match user_key {
+        Some(_) => format!("user:{user}"),
+        None => "shared".to_string(),
+    };
     let policy = &state.cfg.retry;
+    let cx = Ctx {
+        state: &state,
+        key,
+        cancel: &cancel,
+        deadline: Instant::now() + Duration::from_millis(policy.deadline_ms),
+        upstream_id,
+    };
     let limits = ClassifyLimits {
         wait_ms_max: policy.wait_ms_max,
     };
-    let deadline = Instant::now() + Duration::from_millis(policy.deadline_ms);
+    state.budget.on_request(&cx.upstream_id);
     let mut attempt = 0u32;
     let give_up = loop {
         attempt += 1;
+        if let Err(g) = wait_for_gate(&cx).await {
+            break g;
+        }
         if table
-            .transition(key, &["admitted", "backoff"], Phase::Sending { attempt })
+            .transition(
+                key,
+                &["admitted", "backoff", "gate-wait"],
+                Phase::Sending { attempt },
+            )
             .is_err()
         {
             break cancelled_give_up();
         }
-        events::attempt_start(id, attempt);
-        let attempt_deadline =
-            deadline.min(Instant::now() + Duration::from_millis(policy.attempt_timeout_ms));
+        // One place among the upstream's concurrent attempts, served
+        // round-robin by user; held until the answer is read.
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break cancelled_give_up(),
+            p = state.limiter.acquire(&user) => p,
+        };
+        events::attempt_start(key.id(), attempt);
+        let attempt_deadline = cx
+            .deadline
+            .min(Instant::now() + Duration::from_millis(policy.attempt_timeout_ms));
         let sent = tokio::select! {
             biased;
             _ = cancel.cancelled() => break cancelled_give_up(),
             r = tokio::time::timeout_at(attempt_deadline, state.upstream.send(body.clone(), user_key.as_deref())) => r,
         };
-        let (status, headers, upstream_body) = match sent {
-            Err(_elapsed) => (0, http::HeaderMap::new(), Ok(Bytes::new())),
-            Ok(Err(e)) => (0, http::HeaderMap::new(), Err(e)),
+        let answer = match sent {
+            Err(_elapsed) => Answer::none("the upstream did not answer in time"),
+            Ok(Err(e)) => Answer::none(&e.to_string()),
             Ok(Ok(resp)) if resp.status().is_success() => {
-                events::attempt_end(id, attempt, resp.status().as_u16(), "success", 0);
-                return deliver(&state, guard, resp, stream, deadline, &cancel).await;
+                events::attempt_end(key.id(), attempt, resp.status().as_u16(), "success", 0);
+                return deliver(&cx, guard, permit, resp, stream).await;
             }
-            Ok(Ok(resp)) => {
-                let (parts, b) = resp.into_parts();
-                let read = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break cancelled_give_up(),
-                    r = tokio::time::timeout_at(deadline, forward::read_body(b, state.cfg.upstream_body_bytes_max)) => r,
-                };
-                let read =
-                    read.unwrap_or_else(|_| Err(ForwardError::Body("deadline passed".into())));
-                (parts.status.as_u16(), parts.headers, read)
-            }
+            Ok(Ok(resp)) => match read_failure(&cx, resp).await {
+                Some(a) => a,
+                None => break cancelled_give_up(),
+            },
         };
-        let upstream_body = upstream_body.unwrap_or_default();
-        let c = if status == 0 {
-            super::classify::Classification {
+        drop(permit);
+        let c = match answer.status {
+            0 => Classification {
                 decision: Decision::Backoff,
                 wait_ms: None,
-                reason: "no answer from upstream".into(),
-            }
-        } else {
-            classify(status, &headers, &upstream_body, state.clock.now(), &limits)
+                reason: answer.note.clone(),
+            },
+            s => classify(s, &answer.headers, &answer.body, state.clock.now(), &limits),
         };
-        let remaining_ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as u64;
-        let next = state.with_rng(|rng| policy.next(&c, attempt, remaining_ms, rng));
-        match next {
-            Next::GiveUp { retry_after_ms } => {
-                events::attempt_end(id, attempt, status, "give-up", retry_after_ms.unwrap_or(0));
-                break GiveUp {
-                    status: if status == 0 { 504 } else { status },
-                    message: upstream_message(&upstream_body).unwrap_or(c.reason),
-                    retry_after_ms,
-                    quota: is_quota(&upstream_body),
-                };
-            }
-            Next::Wait { wait_ms } => {
-                events::attempt_end(
-                    id,
-                    attempt,
-                    status,
-                    if c.decision == Decision::Retry {
-                        "retry"
-                    } else {
-                        "backoff"
-                    },
-                    wait_ms,
-                );
-                if table
-                    .transition(key, &["sending"], Phase::Backoff { attempt })
-                    .is_err()
-                {
-                    break cancelled_give_up();
-                }
-                events::retry_armed(id, wait_ms);
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break cancelled_give_up(),
-                    _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
-                }
-            }
+        if let Err(g) = after_failure(&cx, attempt, &answer, &c).await {
+            break g;
         }
     };
-    let _ = table.transition(key, &["admitted", "sending", "backoff"], Phase::Finished);
-    events::client_write(id, "error");
+    let _ = table.transition(
+        key,
+        &["admitted", "sending", "backoff", "gate-wait"],
+        Phase::Finished,
+    );
+    events::client_write(key.id(), "error");
     give_up_response(dialect, give_up)
+}
+
+/// An upstream answer that was not a success (status 0: none at all).
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+    note: String,
+}
+
+impl Answer {
+    fn none(note: &str) -> Self {
+        Self {
+            status: 0,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+            note: note.to_string(),
+        }
+    }
+}
+
+/// Reads a failed attempt's body (bounded); None when the request was cancelled.
+async fn read_failure(
+    cx: &Ctx<'_>,
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Option<Answer> {
+    let (parts, b) = resp.into_parts();
+    let read = tokio::select! {
+        biased;
+        _ = cx.cancel.cancelled() => return None,
+        r = tokio::time::timeout_at(cx.deadline, forward::read_body(b, cx.state.cfg.upstream_body_bytes_max)) => r,
+    };
+    let (body, note) = match read {
+        Ok(Ok(b)) => (b, String::new()),
+        Ok(Err(e)) => (Bytes::new(), e.to_string()),
+        Err(_) => (Bytes::new(), "deadline passed".to_string()),
+    };
+    Some(Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+        note,
+    })
+}
+
+/// Decides and waits after a failed attempt; Err ends the request.
+async fn after_failure(
+    cx: &Ctx<'_>,
+    attempt: u32,
+    a: &Answer,
+    c: &Classification,
+) -> Result<(), GiveUp> {
+    let (state, id) = (cx.state, cx.key.id());
+    if a.status == 429 && c.decision == Decision::Retry {
+        if let Some(ms) = c.wait_ms.filter(|_| state.cfg.gate.enabled) {
+            // Every user's requests to this key wait for the hint, not just this one.
+            state
+                .gates
+                .close_until(&cx.upstream_id, Instant::now() + Duration::from_millis(ms));
+        }
+    }
+    let policy = &state.cfg.retry;
+    let next = state.with_rng(|rng| policy.next(c, attempt, cx.remaining_ms(), rng));
+    let give_up = |retry_after_ms: Option<u64>, reason: &str| GiveUp {
+        status: if a.status == 0 { 504 } else { a.status },
+        message: upstream_message(&a.body).unwrap_or_else(|| reason.to_string()),
+        retry_after_ms,
+        quota: is_quota(&a.body),
+    };
+    let wait_ms = match next {
+        Next::GiveUp { retry_after_ms } => {
+            events::attempt_end(
+                id,
+                attempt,
+                a.status,
+                "give-up",
+                retry_after_ms.unwrap_or(0),
+            );
+            return Err(give_up(retry_after_ms, &c.reason));
+        }
+        Next::Wait { wait_ms } => wait_ms,
+    };
+    if !state.budget.try_retry(&cx.upstream_id) {
+        events::attempt_end(id, attempt, a.status, "budget-exhausted", wait_ms);
+        return Err(give_up(
+            Some(wait_ms),
+            "the upstream is failing; the retry budget is spent",
+        ));
+    }
+    let decision = if c.decision == Decision::Retry {
+        "retry"
+    } else {
+        "backoff"
+    };
+    events::attempt_end(id, attempt, a.status, decision, wait_ms);
+    if state
+        .table
+        .transition(cx.key, &["sending"], Phase::Backoff { attempt })
+        .is_err()
+    {
+        return Err(cancelled_give_up());
+    }
+    events::retry_armed(id, wait_ms);
+    tokio::select! {
+        biased;
+        _ = cx.cancel.cancelled() => Err(cancelled_give_up()),
+        _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => Ok(()),
+    }
+}
+
+/// Waits while the upstream key's gate is closed; Err ends the request
+/// (cancelled, or the gate opens only after the deadline).
+async fn wait_for_gate(cx: &Ctx<'_>) -> Result<(), GiveUp> {
+    let state = cx.state;
+    if !state.cfg.gate.enabled {
+        return Ok(());
+    }
+    while let GateState::ClosedUntil(until) = state.gates.check(&cx.upstream_id) {
+        if until >= cx.deadline {
+            let wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+            return Err(GiveUp {
+                status: 429,
+                message: format!(
+                    "the upstream is rate limited for {wait_ms} ms more, past this request's deadline"
+                ),
+                retry_after_ms: Some(wait_ms),
+                quota: false,
+            });
+        }
+        let _ = state.table.transition(
+            cx.key,
+            &["admitted", "backoff", "gate-wait"],
+            Phase::GateWait,
+        );
+        let spread = state.cfg.gate.spread_ms;
+        let wake = wake_at(
+            until,
+            spread,
+            state.with_rng(|r| r.random_range(0..=spread)),
+        );
+        tokio::select! {
+            biased;
+            _ = cx.cancel.cancelled() => return Err(cancelled_give_up()),
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    Ok(())
 }
 
 fn cancelled_give_up() -> GiveUp {
@@ -152,13 +307,13 @@ fn cancelled_give_up() -> GiveUp {
 
 /// Hands a successful upstream answer to the client.
 async fn deliver(
-    state: &super::ProxyState,
+    cx: &Ctx<'_>,
     guard: RequestGuard,
+    permit: Permit,
     resp: hyper::Response<hyper::body::Incoming>,
     stream: bool,
-    deadline: Instant,
-    cancel: &tokio_util::sync::CancellationToken,
 ) -> Response {
+    let (state, deadline, cancel) = (cx.state, cx.deadline, cx.cancel);
     let key = guard.key();
     let table = guard.table().clone();
     let (parts, body) = resp.into_parts();
@@ -191,6 +346,7 @@ async fn deliver(
         r = tokio::time::timeout_at(deadline, forward::read_body(body, state.cfg.upstream_body_bytes_max)) =>
             r.unwrap_or_else(|_| Err(ForwardError::Body("deadline passed".into()))),
     };
+    drop(permit);
     let _ = table.transition(key, &["sending"], Phase::Finished);
     events::client_write(key.id(), "end");
     match read {

@@ -14,10 +14,13 @@
 //! from tokio and the injected [`Clock`], randomness from a seeded
 //! generator.
 
+pub mod budget;
 pub mod classify;
 pub mod error;
+pub mod fair;
 pub mod fixed;
 pub mod forward;
+pub mod gate;
 pub mod requests;
 pub mod retry;
 pub mod session;
@@ -61,6 +64,12 @@ pub struct ProxyConfig {
     /// Shared upstream key, used when a user has none of their own.
     pub upstream_key: Option<String>,
     pub retry: RetryPolicy,
+    /// The shared per-upstream-key rate-limit gate.
+    pub gate: gate::GateConfig,
+    /// The per-upstream-key retry budget.
+    pub budget: budget::BudgetConfig,
+    /// Per-user cap and round-robin upstream concurrency.
+    pub fairness: fair::FairnessConfig,
     /// Requests in flight over all users.
     pub requests_max: usize,
     /// Largest client request body.
@@ -80,6 +89,9 @@ impl Default for ProxyConfig {
             upstream_url: "http://127.0.0.1:9000/v1".into(),
             upstream_key: None,
             retry: RetryPolicy::default(),
+            gate: gate::GateConfig::default(),
+            budget: budget::BudgetConfig::default(),
+            fairness: fair::FairnessConfig::default(),
             requests_max: 4_096,
             body_bytes_max: 2 * 1024 * 1024,
             upstream_body_bytes_max: 8 * 1024 * 1024,
@@ -143,6 +155,9 @@ pub struct ProxyState {
     pub rng: Mutex<ChaCha8Rng>,
     pub clock: Clock,
     pub exit: ExitHook,
+    pub gates: gate::Gates,
+    pub budget: budget::RetryBudget,
+    pub limiter: Arc<fair::FairLimiter>,
     sessions_issued: AtomicU64,
 }
 
@@ -158,6 +173,9 @@ impl ProxyState {
     ) -> Arc<Self> {
         Arc::new(Self {
             table: RequestTable::new(cfg.requests_max),
+            gates: gate::Gates::default(),
+            budget: budget::RetryBudget::new(cfg.budget.clone()),
+            limiter: fair::FairLimiter::new(cfg.fairness.upstream_concurrency_max),
             cfg,
             users: RwLock::new(users),
             secret,
@@ -410,9 +428,23 @@ pub async fn generate(
         fingerprint: fingerprint(req.get("messages").unwrap_or(&Value::Null)),
         stream,
     };
-    let guard = match state.table.admit(meta) {
+    // The SillyTavern variants reproduce a proxy without a per-user cap.
+    let user_cap = match state.cfg.variant {
+        Variant::Fixed => state.cfg.fairness.user_requests_max,
+        _ => usize::MAX,
+    };
+    let guard = match state.table.admit_capped(meta, user_cap) {
         Ok(g) => g,
-        Err(full) => return ProxyError::Busy(full.to_string()).into_response(),
+        Err(requests::AdmitError::Full(full)) => {
+            return ProxyError::Busy(full.to_string()).into_response();
+        }
+        Err(e @ requests::AdmitError::UserCap(_)) => {
+            return ProxyError::TooManyAttempts {
+                message: e.to_string(),
+                retry_after_s: 1,
+            }
+            .into_response();
+        }
     };
     if let Some(obj) = req.as_object_mut() {
         obj.insert("user".into(), Value::String(who.handle.clone()));
@@ -423,6 +455,7 @@ pub async fn generate(
     let job = Job {
         state,
         guard,
+        user: who.handle,
         body: upstream_body,
         stream,
         dialect,
@@ -438,6 +471,7 @@ pub async fn generate(
 pub struct Job {
     pub state: Arc<ProxyState>,
     pub guard: RequestGuard,
+    pub user: String,
     pub body: Bytes,
     pub stream: bool,
     pub dialect: Dialect,

@@ -93,6 +93,16 @@ pub enum TableError {
 #[error("the proxy has {0} requests in flight, its limit; try again shortly")]
 pub struct TableFull(pub usize);
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error(transparent)]
+    Full(TableFull),
+    #[error(
+        "you already have {0} requests in flight, the most one user may have; wait for one to finish"
+    )]
+    UserCap(usize),
+}
+
 /// The table, shared by every handler of one proxy.
 pub struct RequestTable {
     slots: Mutex<SlotMap<RequestKey, Entry>>,
@@ -114,9 +124,27 @@ impl RequestTable {
 
     /// Admits a request; the returned guard releases it when dropped.
     pub fn admit(self: &Arc<Self>, meta: RequestMeta) -> Result<RequestGuard, TableFull> {
+        self.admit_capped(meta, usize::MAX).map_err(|e| match e {
+            AdmitError::Full(f) => f,
+            AdmitError::UserCap(_) => TableFull(self.requests_max),
+        })
+    }
+
+    /// Admits a request unless the table is full or its user already has
+    /// `user_requests_max` requests in it (checked under one lock).
+    pub fn admit_capped(
+        self: &Arc<Self>,
+        meta: RequestMeta,
+        user_requests_max: usize,
+    ) -> Result<RequestGuard, AdmitError> {
         let mut slots = self.lock();
         if slots.len() >= self.requests_max {
-            return Err(TableFull(self.requests_max));
+            return Err(AdmitError::Full(TableFull(self.requests_max)));
+        }
+        if user_requests_max < usize::MAX
+            && slots.values().filter(|e| e.meta.user == meta.user).count() >= user_requests_max
+        {
+            return Err(AdmitError::UserCap(user_requests_max));
         }
         let (user, session, fp, stream) = (
             meta.user.clone(),
@@ -364,6 +392,21 @@ mod tests {
         assert!(table.cancel_token(a1.key()).unwrap().is_cancelled());
         assert!(!table.cancel_token(b1.key()).unwrap().is_cancelled());
         assert_eq!(table.len(), 2, "cancelling never frees a slot");
+    }
+
+    #[test]
+    fn per_user_cap_is_enforced_at_admission() {
+        let table = RequestTable::new(8);
+        let _a1 = table.admit_capped(meta("alice"), 2).unwrap();
+        let _a2 = table.admit_capped(meta("alice"), 2).unwrap();
+        assert_eq!(
+            table.admit_capped(meta("alice"), 2).unwrap_err(),
+            AdmitError::UserCap(2)
+        );
+        assert!(
+            table.admit_capped(meta("bob"), 2).is_ok(),
+            "one user's cap never blocks another"
+        );
     }
 
     #[test]

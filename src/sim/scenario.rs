@@ -9,6 +9,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::proxy::RetryPolicy;
+use crate::proxy::budget::BudgetConfig;
+use crate::proxy::fair::FairnessConfig;
+use crate::proxy::gate::GateConfig;
 use crate::upstream::UpstreamScript;
 
 /// The scenarios compiled into the binary, run by `fuzz` by default.
@@ -35,6 +38,10 @@ pub struct Scenario {
     pub description: String,
     pub users: u32,
     pub tabs_per_user: u32,
+    /// The first `heavy_users` users open `heavy_tabs_per_user` tabs each
+    /// instead (a user flooding the proxy).
+    pub heavy_users: u32,
+    pub heavy_tabs_per_user: u32,
     pub generations_per_tab: u32,
     pub p_stream: f64,
     pub p_refresh: f64,
@@ -48,6 +55,9 @@ pub struct Scenario {
     pub upstream: UpstreamScript,
     /// The fixed proxy's retry policy in this world.
     pub retry: RetryPolicy,
+    pub gate: GateConfig,
+    pub budget: BudgetConfig,
+    pub fairness: FairnessConfig,
     pub world: WorldParams,
 }
 
@@ -90,6 +100,8 @@ impl Default for Scenario {
             description: String::new(),
             users: 2,
             tabs_per_user: 1,
+            heavy_users: 0,
+            heavy_tabs_per_user: 1,
             generations_per_tab: 3,
             p_stream: 0.2,
             p_refresh: 0.3,
@@ -101,12 +113,24 @@ impl Default for Scenario {
             request_timeout_ms: 300_000,
             upstream: UpstreamScript::default(),
             retry: RetryPolicy::default(),
+            gate: GateConfig::default(),
+            budget: BudgetConfig::default(),
+            fairness: FairnessConfig::default(),
             world: WorldParams::default(),
         }
     }
 }
 
 impl Scenario {
+    /// Tabs user `u` opens.
+    pub fn tabs_of(&self, u: u32) -> u32 {
+        if u < self.heavy_users {
+            self.heavy_tabs_per_user
+        } else {
+            self.tabs_per_user
+        }
+    }
+
     /// Loads an embedded scenario by name, or a file by path.
     pub fn load(name_or_path: &str) -> Result<Self, String> {
         if let Some((_, text)) = EMBEDDED.iter().find(|(n, _)| *n == name_or_path) {
@@ -200,6 +224,8 @@ impl Scenario {
             return Err("world.sim_ms_max must be at most one simulated day".into());
         }
         self.upstream.validate()?;
+        self.budget.validate()?;
+        self.fairness.validate()?;
         self.retry.validate()
     }
 }

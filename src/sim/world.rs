@@ -169,6 +169,9 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
         variant: spec.variant,
         upstream_url: format!("http://{UPSTREAM_HOST}:{UPSTREAM_PORT}/v1"),
         retry: sc.retry.clone(),
+        gate: sc.gate.clone(),
+        budget: sc.budget.clone(),
+        fairness: sc.fairness.clone(),
         // Every upstream connection closes after its answer, so "no upstream
         // connection open" at quiescence is exact.
         upstream_idle_per_host_max: 0,
@@ -211,7 +214,7 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
         let sc = Arc::clone(&sc);
         let seed = spec.seed;
         sim.client(format!("tabs-{}", user_handle(u)), async move {
-            let tabs = (0..sc.tabs_per_user).map(|t| {
+            let tabs = (0..sc.tabs_of(u)).map(|t| {
                 let spec = TabSpec {
                     transport: Transport::Turmoil,
                     proxy_host: PROXY_HOST.into(),
