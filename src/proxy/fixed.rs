@@ -200,13 +200,14 @@ async fn after_failure(
     c: &Classification,
 ) -> Result<(), GiveUp> {
     let (state, id) = (cx.state, cx.key.id());
-    if a.status == 429 && c.decision == Decision::Retry {
-        if let Some(ms) = c.wait_ms.filter(|_| state.cfg.gate.enabled) {
-            // Every user's requests to this key wait for the hint, not just this one.
-            state
-                .gates
-                .close_until(&cx.upstream_id, Instant::now() + Duration::from_millis(ms));
-        }
+    if a.status == 429
+        && c.decision == Decision::Retry
+        && let Some(ms) = c.wait_ms.filter(|_| state.cfg.gate.enabled)
+    {
+        // Every user's requests to this key wait for the hint, not just this one.
+        state
+            .gates
+            .close_until(&cx.upstream_id, Instant::now() + Duration::from_millis(ms));
     }
     let policy = &state.cfg.retry;
     let next = state.with_rng(|rng| policy.next(c, attempt, cx.remaining_ms(), rng));
