@@ -99,6 +99,12 @@ pub fn upstream_attempt(fp: &str, attempt: u32, user: &str, answer: &str) {
     ev!("upstream.attempt", fp, attempt, user, answer);
 }
 
+/// The mock upstream sent its answer head for attempt `attempt` of `fp`
+/// (`retry_after_ms`: the hint a 429 carried, 0 for none).
+pub fn upstream_answer(fp: &str, attempt: u32, status: u16, retry_after_ms: u64) {
+    ev!("upstream.answer", fp, attempt, status, retry_after_ms);
+}
+
 // ---- simulated browsers ---------------------------------------------------
 
 /// A tab sent a generation request.

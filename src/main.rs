@@ -75,7 +75,7 @@ struct ClassifyArgs {
     wait_ms_max: u64,
 }
 
-const FUZZ_AFTER_HELP: &str = "Embedded scenarios: refresh-during-retry, streaming-refresh.\n\
+const FUZZ_AFTER_HELP: &str = "Embedded scenarios: refresh-during-retry, streaming-refresh, burst-429, one-user-floods.\n\
 Each violation prints a replay command; run it as `cargo run --release -- replay ...`.";
 
 #[derive(Clone, Copy, ValueEnum)]

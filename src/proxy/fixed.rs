@@ -86,9 +86,10 @@ pub async fn run(job: Job) -> Response {
     let mut attempt = 0u32;
     let give_up = loop {
         attempt += 1;
-        if let Err(g) = wait_for_gate(&cx).await {
-            break g;
-        }
+        let permit = match gate_then_place(&cx, &user).await {
+            Ok(p) => p,
+            Err(g) => break g,
+        };
         if table
             .transition(
                 key,
@@ -99,13 +100,6 @@ pub async fn run(job: Job) -> Response {
         {
             break cancelled_give_up();
         }
-        // One place among the upstream's concurrent attempts, served
-        // round-robin by user; held until the answer is read.
-        let permit = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break cancelled_give_up(),
-            p = state.limiter.acquire(&user) => p,
-        };
         events::attempt_start(key.id(), attempt);
         let attempt_deadline = cx
             .deadline
@@ -255,6 +249,24 @@ async fn after_failure(
         biased;
         _ = cx.cancel.cancelled() => Err(cancelled_give_up()),
         _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => Ok(()),
+    }
+}
+
+/// Waits for the gate, then for one place among the upstream's concurrent
+/// attempts (served round-robin by user, held until the answer is read).
+/// The gate is checked again once the place is had: it may have closed
+/// while this request queued.
+async fn gate_then_place(cx: &Ctx<'_>, user: &str) -> Result<Permit, GiveUp> {
+    loop {
+        wait_for_gate(cx).await?;
+        let permit = tokio::select! {
+            biased;
+            _ = cx.cancel.cancelled() => return Err(cancelled_give_up()),
+            p = cx.state.limiter.acquire(user) => p,
+        };
+        if !cx.state.cfg.gate.enabled || cx.state.gates.check(&cx.upstream_id) == GateState::Open {
+            return Ok(permit);
+        }
     }
 }
 

@@ -17,6 +17,9 @@ pub const INVARIANTS: &[&str] = &[
     "cross-user-delivery",
     "proxy-crash",
     "leak",
+    "retry-after-violated",
+    "gate-violated",
+    "starvation",
 ];
 
 /// One broken invariant.
@@ -50,6 +53,14 @@ struct Walk {
     cancelled_at: BTreeMap<String, u64>,
     /// fingerprint -> user who sent it.
     owner: BTreeMap<String, String>,
+    /// fingerprint -> end of the wait its last 429 hinted (as the mock sent it).
+    hint_sent: BTreeMap<String, u64>,
+    /// fingerprint -> (when the proxy read its hinted 429, end of the wait).
+    hinted: BTreeMap<String, (u64, u64)>,
+    /// The latest hinted 429 for the (one) upstream key: (sent at, wait end).
+    gate: Option<(u64, u64)>,
+    /// user -> (answers waited for to the end, completions among them).
+    served: BTreeMap<String, (u64, u64)>,
     found: BTreeMap<&'static str, Violation>,
 }
 
@@ -75,13 +86,20 @@ impl Walk {
 }
 
 /// Checks every invariant; returns the violations in [`INVARIANTS`] order.
-pub fn check(events: &[Event], ending: &Ending, cancel_grace_us: u64) -> Vec<Violation> {
+///
+/// `grace_us` is the simulated network's round trip: an upstream attempt
+/// that arrives within it of a cause (a client leaving, a hinted 429) may
+/// have been sent before the proxy could know.
+pub fn check(events: &[Event], ending: &Ending, grace_us: u64) -> Vec<Violation> {
     let mut w = Walk::default();
     for e in events {
-        step(&mut w, e, cancel_grace_us);
+        step(&mut w, e, grace_us);
+        step_rates(&mut w, e, grace_us);
     }
+    let t_end = events.last().map(|e| e.t_us).unwrap_or(0);
     if !ending.crashed {
-        check_leak(&mut w, ending, events.last().map(|e| e.t_us).unwrap_or(0));
+        check_leak(&mut w, ending, t_end);
+        check_starvation(&mut w, t_end);
     }
     INVARIANTS
         .iter()
@@ -181,6 +199,87 @@ fn step(w: &mut Walk, e: &Event, grace_us: u64) {
             });
         }
         _ => {}
+    }
+}
+
+/// Retry-After and the shared gate, judged at the upstream.
+fn step_rates(w: &mut Walk, e: &Event, grace_us: u64) {
+    let t = e.t_us;
+    match e.kind.as_str() {
+        "upstream.answer" if e.u64("status") == 429 && e.u64("retry_after_ms") > 0 => {
+            w.hint_sent
+                .insert(e.str("fp").to_string(), t + e.u64("retry_after_ms") * 1000);
+        }
+        // The hint binds the proxy from the moment it read the 429: an
+        // answer whose client had already left never reached it.
+        "attempt.end" if e.u64("status") == 429 => {
+            let fp = w
+                .admitted
+                .get(&e.u64("key"))
+                .map(|(_, fp)| fp.clone())
+                .unwrap_or_default();
+            if let Some(until) = w.hint_sent.remove(&fp) {
+                w.hinted.insert(fp, (t, until));
+                if until > w.gate.map_or(0, |(_, u)| u) {
+                    w.gate = Some((t, until));
+                }
+            }
+        }
+        "upstream.attempt" => {
+            let fp = e.str("fp").to_string();
+            if let Some((sent, until)) = w.hinted.remove(&fp) {
+                if t < until {
+                    let n = e.u64("attempt");
+                    w.report("retry-after-violated", t, || {
+                        format!("attempt {n} of generation {fp} reached the upstream at {}, {} before the Retry-After the proxy read at {} ran out", secs(t), secs(until - t), secs(sent))
+                    });
+                }
+            }
+            if let Some((sent, until)) = w.gate {
+                // Anything arriving within a round trip of the proxy reading
+                // the 429 may have been on its way already.
+                if t > sent + grace_us && t < until {
+                    w.report("gate-violated", t, || {
+                        format!("an attempt for generation {fp} reached the upstream at {}, while the key was rate limited (the proxy read a 429 at {} that said wait until {})", secs(t), secs(sent), secs(until))
+                    });
+                }
+            }
+        }
+        "tab.recv" => {
+            let entry = w.served.entry(e.str("user").to_string()).or_default();
+            entry.0 += 1;
+            entry.1 += u64::from(!e.bool("error"));
+        }
+        _ => {}
+    }
+}
+
+/// Completions a user must see others get before going without counts as
+/// starvation...
+const STARVATION_OTHERS_MIN: u64 = 5;
+/// ...after waiting to the end for at least this many answers.
+const STARVATION_WAITED_MIN: u64 = 3;
+
+/// A user who asked and got nothing while another user got many.
+fn check_starvation(w: &mut Walk, t: u64) {
+    let best = w
+        .served
+        .iter()
+        .max_by_key(|(_, (_, got))| *got)
+        .map(|(u, (_, got))| (u.clone(), *got));
+    let Some((rich, most)) = best.filter(|(_, got)| *got >= STARVATION_OTHERS_MIN) else {
+        return;
+    };
+    let starved = w
+        .served
+        .iter()
+        .find(|(_, (waited, got))| *waited >= STARVATION_WAITED_MIN && *got == 0);
+    if let Some((user, (waited, _))) = starved.map(|(u, x)| (u.clone(), *x)) {
+        w.report("starvation", t, || {
+            format!(
+                "{user} waited for {waited} answers and got no completion while {rich} got {most}"
+            )
+        });
     }
 }
 

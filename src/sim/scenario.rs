@@ -24,6 +24,11 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "streaming-refresh",
         include_str!("../../sims/streaming-refresh.toml"),
     ),
+    ("burst-429", include_str!("../../sims/burst-429.toml")),
+    (
+        "one-user-floods",
+        include_str!("../../sims/one-user-floods.toml"),
+    ),
 ];
 
 /// Limits that keep one world bounded whatever a scenario asks for.

@@ -240,6 +240,12 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
     let (answer, delay) = mock.decide();
     events::upstream_attempt(&fp, attempt, &user, answer.name());
     tokio::time::sleep(delay).await;
+    let (status, hint_ms) = match answer {
+        Answer::TooMany { retry_after_s } => (429, retry_after_s.unwrap_or(0) * 1000),
+        Answer::ServerError(code) => (code, 0),
+        Answer::Complete => (200, 0),
+    };
+    events::upstream_answer(&fp, attempt, status, hint_ms);
     match answer {
         Answer::TooMany { retry_after_s } => too_many(retry_after_s),
         Answer::ServerError(code) => openai_error(
