@@ -19,6 +19,14 @@
 //! ```
 //! A seed fixes everything: the same seed gives the same trace hash.
 
+// turmoil seeds each host's tokio runtime, and reports a host's panic, only
+// under this cfg; without it a seed does not replay.
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "tavernsim must be built with `--cfg tokio_unstable` (set in .cargo/config.toml); \
+     if you set RUSTFLAGS yourself, add `--cfg tokio_unstable` to it"
+);
+
 pub mod events;
 pub mod net;
 pub mod proxy;

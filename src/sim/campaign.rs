@@ -7,7 +7,7 @@
 //! with the command that replays it.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -93,18 +93,18 @@ pub fn run(spec: &CampaignSpec) -> Report {
     let total = per * spec.scenarios.len();
     let bar = progress_bar(spec.progress, total as u64);
     let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
+    // With stop_on_first: the lowest violating index so far. Indices below it
+    // still run (they were handed out first), so the report names the same
+    // first violation whatever the number of jobs.
+    let stop_at = AtomicUsize::new(usize::MAX);
     let violations_seen = AtomicUsize::new(0);
     let outcomes = Mutex::new(Vec::<Outcome>::new());
     std::thread::scope(|scope| {
         for _ in 0..spec.jobs.max(1) {
             scope.spawn(|| {
                 loop {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
                     let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= total {
+                    if index >= total || index > stop_at.load(Ordering::Relaxed) {
                         break;
                     }
                     let outcome = run_one(spec, index, per);
@@ -114,7 +114,7 @@ pub fn run(spec: &CampaignSpec) -> Report {
                             + outcome.findings.len();
                         bar.set_message(format!("violations: {n}"));
                         if spec.stop_on_first {
-                            stop.store(true, Ordering::Relaxed);
+                            stop_at.fetch_min(index, Ordering::Relaxed);
                         }
                     }
                     bar.inc(1);
@@ -128,6 +128,8 @@ pub fn run(spec: &CampaignSpec) -> Report {
     });
     bar.finish_and_clear();
     let mut outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
+    let first_violation = stop_at.load(Ordering::Relaxed);
+    outcomes.retain(|o| o.index <= first_violation);
     outcomes.sort_by_key(|o| o.index);
     Report {
         variant: spec.variant.to_string(),

@@ -42,6 +42,32 @@ pub struct Ending {
     pub live: Live,
     /// The world reached quiescence (or crashed) before its time bound.
     pub quiescent: bool,
+    /// The harness stopped the world early (its own failure): the end
+    /// state says nothing about the proxy.
+    pub cut_short: bool,
+}
+
+/// How long after a cause an effect may still arrive, in microseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Grace {
+    /// One message across the simulated network, tick included: an attempt
+    /// sent just before its request was released may arrive this much later.
+    pub network_us: u64,
+    /// From a client leaving to the proxy noticing and stopping everything
+    /// for that request.
+    pub client_gone_us: u64,
+}
+
+impl Grace {
+    pub fn of(w: &super::scenario::WorldParams) -> Self {
+        let network_ms = w.latency_ms_max.saturating_add(w.tick_ms.saturating_mul(2));
+        Self {
+            network_us: network_ms.saturating_mul(1000),
+            // Never less than two round trips: the close must reach the
+            // proxy, and an attempt in flight must reach the upstream.
+            client_gone_us: w.cancel_grace_ms.max(network_ms.saturating_mul(4)).saturating_mul(1000),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -49,8 +75,12 @@ struct Walk {
     /// key -> (user, fingerprint) for every admitted request.
     admitted: BTreeMap<u64, (String, String)>,
     released: BTreeSet<u64>,
-    /// fingerprint -> time the client left (tab refresh) or was cancelled.
-    cancelled_at: BTreeMap<String, u64>,
+    /// fingerprint -> time its client left (a tab refresh).
+    abandoned_at: BTreeMap<String, u64>,
+    /// fingerprint -> time the proxy released or cancelled its request.
+    stopped_at: BTreeMap<String, u64>,
+    /// keys released or cancelled (no attempt may start for them).
+    stopped_keys: BTreeSet<u64>,
     /// fingerprint -> user who sent it.
     owner: BTreeMap<String, String>,
     /// fingerprint -> end of the wait its last 429 hinted (as the mock sent it).
@@ -90,14 +120,14 @@ impl Walk {
 /// `grace_us` is the simulated network's round trip: an upstream attempt
 /// that arrives within it of a cause (a client leaving, a hinted 429) may
 /// have been sent before the proxy could know.
-pub fn check(events: &[Event], ending: &Ending, grace_us: u64) -> Vec<Violation> {
+pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation> {
     let mut w = Walk::default();
     for e in events {
-        step(&mut w, e, grace_us);
-        step_rates(&mut w, e, grace_us);
+        step(&mut w, e, grace);
+        step_rates(&mut w, e, grace.client_gone_us);
     }
     let t_end = events.last().map(|e| e.t_us).unwrap_or(0);
-    if !ending.crashed {
+    if !ending.crashed && !ending.cut_short {
         check_leak(&mut w, ending, t_end);
         check_starvation(&mut w, t_end);
     }
@@ -107,7 +137,7 @@ pub fn check(events: &[Event], ending: &Ending, grace_us: u64) -> Vec<Violation>
         .collect()
 }
 
-fn step(w: &mut Walk, e: &Event, grace_us: u64) {
+fn step(w: &mut Walk, e: &Event, grace: &Grace) {
     let t = e.t_us;
     match e.kind.as_str() {
         "req.admit" => {
@@ -116,13 +146,22 @@ fn step(w: &mut Walk, e: &Event, grace_us: u64) {
                 (e.str("user").to_string(), e.str("fp").to_string()),
             );
         }
-        "req.release" => {
-            w.released.insert(e.u64("key"));
-        }
-        "req.cancel" => {
-            if let Some((_, fp)) = w.admitted.get(&e.u64("key")) {
-                w.cancelled_at.entry(fp.clone()).or_insert(t);
+        "req.release" | "req.cancel" => {
+            let key = e.u64("key");
+            if e.kind == "req.release" {
+                w.released.insert(key);
             }
+            w.stopped_keys.insert(key);
+            if let Some((_, fp)) = w.admitted.get(&key) {
+                w.stopped_at.entry(fp.clone()).or_insert(t);
+            }
+        }
+        "attempt.start" if w.stopped_keys.contains(&e.u64("key")) => {
+            let (key, n) = (e.u64("key"), e.u64("attempt"));
+            let user = w.user_of(key).to_string();
+            w.report("attempt-after-cancel", t, || {
+                format!("the proxy started attempt {n} of request {key:#x} (user {user}) at {}, after the request was cancelled or released", secs(t))
+            });
         }
         "req.stale" => {
             let (key, op) = (e.u64("key"), e.str("op").to_string());
@@ -148,17 +187,19 @@ fn step(w: &mut Walk, e: &Event, grace_us: u64) {
                 .insert(e.str("fp").to_string(), e.str("user").to_string());
         }
         "tab.abandon" => {
-            w.cancelled_at.entry(e.str("fp").to_string()).or_insert(t);
+            w.abandoned_at.entry(e.str("fp").to_string()).or_insert(t);
         }
         "upstream.attempt" => {
             let fp = e.str("fp");
-            if let Some(&left) = w.cancelled_at.get(fp)
-                && t > left.saturating_add(grace_us)
-            {
+            let late = |at: Option<&u64>, grace_us: u64| at.copied().filter(|&c| t > c.saturating_add(grace_us));
+            let cause = late(w.stopped_at.get(fp), grace.network_us)
+                .map(|c| (c, "the proxy released or cancelled its request"))
+                .or_else(|| late(w.abandoned_at.get(fp), grace.client_gone_us).map(|c| (c, "its client left")));
+            if let Some((c, why)) = cause {
                 let n = e.u64("attempt");
                 w.report("attempt-after-cancel", t, || {
-                        format!("the upstream received attempt {n} of generation {fp} at {}, {} after its client left", secs(t), secs(t - left))
-                    });
+                    format!("the upstream received attempt {n} of generation {fp} at {}, {} after {why}", secs(t), secs(t - c))
+                });
             }
         }
         "tab.recv" => {
@@ -342,8 +383,14 @@ mod tests {
             crashed: false,
             live: Live::default(),
             quiescent: true,
+            cut_short: false,
         }
     }
+
+    const GRACE: Grace = Grace {
+        network_us: 50_000,
+        client_gone_us: 200_000,
+    };
 
     /// One line per case: the events, and the invariant they must break
     /// (or None).
@@ -425,7 +472,7 @@ mod tests {
         for (i, (events, want)) in cases.into_iter().enumerate() {
             let crashed = want == Some("proxy-crash");
             let ending = Ending { crashed, ..clean() };
-            let got: Vec<_> = check(&events, &ending, 200_000)
+            let got: Vec<_> = check(&events, &ending, &GRACE)
                 .into_iter()
                 .map(|v| v.invariant)
                 .collect();
@@ -440,15 +487,15 @@ mod tests {
             "req.admit",
             json!({"key": 7, "user": "bob", "fp": "cc"}),
         )];
-        let v = check(&events, &clean(), 0);
+        let v = check(&events, &clean(), &GRACE);
         assert_eq!(v[0].invariant, "leak");
         let live = Live {
             tasks: 1,
             ..Live::default()
         };
-        let v = check(&[], &Ending { live, ..clean() }, 0);
+        let v = check(&[], &Ending { live, ..clean() }, &GRACE);
         assert_eq!(v[0].invariant, "leak");
-        assert!(check(&[], &clean(), 0).is_empty());
+        assert!(check(&[], &clean(), &GRACE).is_empty());
     }
 
     #[test]
@@ -474,7 +521,7 @@ mod tests {
                 crashed: true,
                 ..clean()
             },
-            0,
+            &GRACE,
         );
         assert!(
             v[0].message

@@ -106,6 +106,14 @@ impl Recorder {
         self.lock().frozen = true;
     }
 
+    /// Records what `f` emits although the world is frozen (the driver's
+    /// own verdict after the end).
+    pub fn unfreeze_for(&self, f: impl FnOnce()) {
+        self.lock().frozen = false;
+        f();
+        self.lock().frozen = true;
+    }
+
     pub fn take(&self) -> Vec<Event> {
         std::mem::take(&mut self.lock().events)
     }
@@ -115,6 +123,11 @@ impl Recorder {
     fn push(&self, mut e: Event) {
         let mut inner = self.lock();
         if inner.frozen {
+            return;
+        }
+        // The proxy process is gone once it exits: what its other tasks do
+        // in the rest of that tick never happened.
+        if inner.live.proxy_exit && e.host == "proxy" {
             return;
         }
         if e.t_us == u64::MAX {
@@ -151,6 +164,16 @@ impl TraceLayer {
 /// turmoil runs each host's tick inside a span named `node` with a `name`.
 struct NodeName(String);
 
+thread_local! {
+    /// The host whose tick runs on this thread now (for panic reports).
+    static CURRENT_NODE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The simulated host running on this thread now, if any.
+pub fn current_node() -> Option<String> {
+    CURRENT_NODE.with(|c| c.borrow().clone())
+}
+
 impl<S> tracing_subscriber::Layer<S> for TraceLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -163,6 +186,18 @@ where
         attrs.record(&mut v);
         if let (Some(span), Some(Value::String(name))) = (ctx.span(id), v.0.remove("name")) {
             span.extensions_mut().insert(NodeName(name));
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        if let Some(name) = ctx.span(id).and_then(|s| s.extensions().get::<NodeName>().map(|n| n.0.clone())) {
+            CURRENT_NODE.with(|c| *c.borrow_mut() = Some(name));
+        }
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        if ctx.span(id).is_some_and(|s| s.extensions().get::<NodeName>().is_some()) {
+            CURRENT_NODE.with(|c| *c.borrow_mut() = None);
         }
     }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use tracing_subscriber::layer::SubscriberExt;
 
 use super::browser::{TabSpec, run_tab};
-use super::oracle::{self, Ending, Violation};
+use super::oracle::{self, Ending, Grace, Violation};
 use super::scenario::Scenario;
 use super::trace::{Event, Recorder, TraceLayer, trace_hash};
 use crate::events;
@@ -28,6 +28,9 @@ use crate::upstream::{self, MockUpstream};
 
 pub const PROXY_HOST: &str = "proxy";
 pub const PROXY_PORT: u16 = 8000;
+/// Errors the proxy host returns start with this, so the driver can tell a
+/// proxy failure from the harness's own.
+const PROXY_ERROR_PREFIX: &str = "proxy host: ";
 pub const UPSTREAM_HOST: &str = "upstream";
 pub const UPSTREAM_PORT: u16 = 9000;
 /// Events kept per world at the most.
@@ -60,8 +63,11 @@ pub enum EndReason {
     QuiesceTimeout,
     /// The world hit its simulated-time bound.
     TimeLimit,
-    /// turmoil reported an error for a host other than the proxy.
+    /// turmoil reported an error for a host other than the proxy, or the
+    /// harness itself failed.
     HarnessError,
+    /// The world recorded more events than it may keep.
+    EventLimit,
 }
 
 /// What came out.
@@ -105,9 +111,10 @@ pub fn run_world(spec: &WorldSpec) -> WorldRun {
         crashed: end == EndReason::ProxyCrashed,
         live,
         quiescent: matches!(end, EndReason::Quiescent | EndReason::ProxyCrashed),
+        // The harness failed, not the proxy: judge nothing about the end.
+        cut_short: matches!(end, EndReason::HarnessError | EndReason::EventLimit),
     };
-    let grace_us = spec.scenario.world.cancel_grace_ms * 1000;
-    let violations = oracle::check(&events, &ending, grace_us);
+    let violations = oracle::check(&events, &ending, &Grace::of(&spec.scenario.world));
     WorldRun {
         trace_hash: trace_hash(&events),
         events,
@@ -144,7 +151,7 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
         .min_message_latency(Duration::from_millis(w.latency_ms_min))
         .max_message_latency(Duration::from_millis(w.latency_ms_max))
         .simulation_duration(Duration::from_millis(
-            w.sim_ms_max + w.quiesce_ms_max + 1_000,
+            w.sim_ms_max.saturating_add(w.quiesce_ms_max).saturating_add(1_000),
         ))
         .build();
 
@@ -187,7 +194,8 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
                 &cfg.upstream_url,
                 None,
                 cfg.upstream_idle_per_host_max,
-            )?;
+            )
+            .map_err(|e| format!("{PROXY_ERROR_PREFIX}{e}"))?;
             let secret = SessionSecret::from_bytes(
                 derive_seed(proxy_seed, 1)
                     .to_le_bytes()
@@ -200,12 +208,10 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
                 *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
             });
             let state = ProxyState::new(cfg, users, secret, upstream, proxy_seed, clock, exit);
-            let listener = Listener::bind(
-                Transport::Turmoil,
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT)),
-            )
-            .await?;
-            serve(listener, app(state), ServeLimits::default()).await?;
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT));
+            let tagged = |e: std::io::Error| format!("{PROXY_ERROR_PREFIX}{e}");
+            let listener = Listener::bind(Transport::Turmoil, addr).await.map_err(tagged)?;
+            serve(listener, app(state), ServeLimits::default()).await.map_err(tagged)?;
             Ok(())
         }
     });
@@ -241,14 +247,32 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
 fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<String>) {
     let exited = Arc::new(Mutex::new(None::<String>));
     let mut sim = build_sim(spec, Arc::clone(&exited));
-    let ended = step_to_end(spec, recorder, &mut sim, &exited);
+    let ended = panics::guarded(|| step_to_end(spec, recorder, &mut sim, &exited));
     // Freeze before the world is torn down (the proxy crash included):
     // teardown drops tasks in an order that is not part of the run.
     recorder.freeze();
-    if ended.0 == EndReason::ProxyCrashed && sim.is_host_running(PROXY_HOST) {
-        sim.crash(PROXY_HOST);
+    match ended {
+        Ok(ended) => {
+            if ended.0 == EndReason::ProxyCrashed && sim.is_host_running(PROXY_HOST) {
+                sim.crash(PROXY_HOST);
+            }
+            ended
+        }
+        Err(panic) => {
+            // A panic left turmoil's state half-borrowed: never touch (or
+            // drop) this world again.
+            std::mem::forget(sim);
+            let ms = panic.at_ms;
+            if panic.host.as_deref() == Some(PROXY_HOST) {
+                let reason = format!("the proxy panicked: {}", panic.message);
+                recorder.unfreeze_for(|| events::world_proxy_crash(&reason));
+                (EndReason::ProxyCrashed, ms, Some(reason))
+            } else {
+                let host = panic.host.unwrap_or_else(|| "the harness".into());
+                (EndReason::HarnessError, ms, Some(format!("{host} panicked: {}", panic.message)))
+            }
+        }
     }
-    ended
 }
 
 fn step_to_end(
@@ -258,10 +282,15 @@ fn step_to_end(
     exited: &Mutex<Option<String>>,
 ) -> (EndReason, u64, Option<String>) {
     let w = &spec.scenario.world;
+    // Once quiescent, keep going this long so nothing still on the wire
+    // (a late attempt, a late write) escapes the oracle.
+    let settle = Duration::from_millis(w.latency_ms_max.saturating_mul(2).saturating_add(w.tick_ms.saturating_mul(2)));
     let mut clients_done_at: Option<Duration> = None;
+    let mut quiet_since: Option<Duration> = None;
     loop {
         let step = sim.step();
         let now = sim.elapsed();
+        panics::set_sim_ms(now.as_millis() as u64);
         let ms = now.as_millis() as u64;
         if let Some(reason) = exited.lock().unwrap_or_else(|p| p.into_inner()).take() {
             events::world_proxy_crash(&reason);
@@ -271,7 +300,7 @@ fn step_to_end(
             Ok(done) => done,
             Err(e) => {
                 let text = e.to_string();
-                if text.contains(PROXY_HOST) {
+                if text.starts_with(PROXY_ERROR_PREFIX) {
                     events::world_proxy_crash(&text);
                     return (EndReason::ProxyCrashed, ms, Some(text));
                 }
@@ -279,17 +308,18 @@ fn step_to_end(
             }
         };
         if recorder.overflowed() {
-            return (
-                EndReason::TimeLimit,
-                ms,
-                Some(format!("more than {EVENTS_MAX} events")),
-            );
+            return (EndReason::EventLimit, ms, Some(format!("more than {EVENTS_MAX} events in one world")));
         }
         if done {
             let since = *clients_done_at.get_or_insert(now);
             let live = recorder.live();
             if live.requests == 0 && live.tasks == 0 && live.upstream_conns == 0 {
-                return (EndReason::Quiescent, ms, None);
+                let quiet = *quiet_since.get_or_insert(now);
+                if now - quiet >= settle {
+                    return (EndReason::Quiescent, ms, None);
+                }
+            } else {
+                quiet_since = None;
             }
             if (now - since).as_millis() as u64 > w.quiesce_ms_max {
                 return (EndReason::QuiesceTimeout, ms, None);
@@ -298,5 +328,70 @@ fn step_to_end(
         if ms > w.sim_ms_max && clients_done_at.is_none() {
             return (EndReason::TimeLimit, ms, None);
         }
+    }
+}
+
+/// Turns a panic inside a world into a verdict instead of a dead campaign.
+mod panics {
+    use std::cell::{Cell, RefCell};
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::sync::Once;
+
+    thread_local! {
+        static IN_WORLD: Cell<bool> = const { Cell::new(false) };
+        static SIM_MS: Cell<u64> = const { Cell::new(0) };
+        static FIRST: RefCell<Option<(Option<String>, String)>> = const { RefCell::new(None) };
+    }
+
+    pub struct Panic {
+        pub host: Option<String>,
+        pub message: String,
+        pub at_ms: u64,
+    }
+
+    pub fn set_sim_ms(ms: u64) {
+        SIM_MS.with(|c| c.set(ms));
+    }
+
+    /// Runs `f`; a panic in it (on any host) comes back as [`Panic`],
+    /// naming the host that panicked first.
+    pub fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, Panic> {
+        install_hook();
+        IN_WORLD.with(|c| c.set(true));
+        FIRST.with(|c| c.borrow_mut().take());
+        let out = catch_unwind(AssertUnwindSafe(f));
+        IN_WORLD.with(|c| c.set(false));
+        out.map_err(|payload| {
+            let (host, message) = FIRST.with(|c| c.borrow_mut().take()).unwrap_or_else(|| (None, payload_text(&*payload)));
+            Panic { host, message, at_ms: SIM_MS.with(Cell::get) }
+        })
+    }
+
+    fn payload_text(p: &(dyn std::any::Any + Send)) -> String {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into())
+    }
+
+    /// Inside a world, record the first panic and its host quietly; outside,
+    /// the default hook prints as usual.
+    fn install_hook() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if !IN_WORLD.with(Cell::get) {
+                    return default(info);
+                }
+                FIRST.with(|c| {
+                    let mut first = c.borrow_mut();
+                    if first.is_none() {
+                        let host = super::super::trace::current_node();
+                        *first = Some((host, payload_text(info.payload())));
+                    }
+                });
+            }));
+        });
     }
 }
