@@ -395,3 +395,35 @@ mod panics {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that panics must come back as a verdict naming that host, not
+    /// as a dead campaign.
+    #[test]
+    fn a_panicking_host_is_named_not_fatal() {
+        let recorder = Recorder::new(1_000);
+        let subscriber = tracing_subscriber::registry().with(TraceLayer::new(recorder));
+        let outcome = tracing::subscriber::with_default(subscriber, || {
+            let mut sim = turmoil::Builder::new().build();
+            sim.host(PROXY_HOST, || async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                panic!("boom in the proxy");
+            });
+            sim.client("tab", async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(())
+            });
+            let out = panics::guarded(|| sim.run());
+            if out.is_err() {
+                std::mem::forget(sim);
+            }
+            out
+        });
+        let panic = outcome.err().expect("the host's panic must surface");
+        assert_eq!(panic.host.as_deref(), Some(PROXY_HOST));
+        assert!(panic.message.contains("boom in the proxy"), "{}", panic.message);
+    }
+}
