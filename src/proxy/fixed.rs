@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::classify::{Classification, ClassifyLimits, Decision, classify};
 use super::fair::Permit;
-use super::forward::{self, ForwardError};
+use super::forward;
 use super::gate::{GateState, wake_at};
 use super::requests::{Phase, RequestGuard, RequestKey};
 use super::retry::Next;
@@ -112,11 +112,11 @@ pub async fn run(job: Job) -> Response {
         let answer = match sent {
             Err(_elapsed) => Answer::none("the upstream did not answer in time"),
             Ok(Err(e)) => Answer::none(&e.to_string()),
-            Ok(Ok(resp)) if resp.status().is_success() => {
+            Ok(Ok(resp)) if resp.status().is_success() && stream => {
                 events::attempt_end(key.id(), attempt, resp.status().as_u16(), "success", 0);
-                return deliver(&cx, guard, permit, resp, stream).await;
+                return deliver_stream(&cx, guard, permit, resp);
             }
-            Ok(Ok(resp)) => match read_failure(&cx, resp).await {
+            Ok(Ok(resp)) => match read_answer(&cx, resp).await {
                 Some(a) => a,
                 None => break cancelled_give_up(),
             },
@@ -128,8 +128,13 @@ pub async fn run(job: Job) -> Response {
                 wait_ms: None,
                 reason: answer.note.clone(),
             },
+            // A 2xx is classified too: some providers put the error in it.
             s => classify(s, &answer.headers, &answer.body, state.clock.now(), &limits),
         };
+        if c.decision == Decision::Success {
+            events::attempt_end(key.id(), attempt, answer.status, "success", 0);
+            return deliver_body(&table, key, answer);
+        }
         if let Err(g) = after_failure(&cx, attempt, &answer, &c).await {
             break g;
         }
@@ -162,11 +167,9 @@ impl Answer {
     }
 }
 
-/// Reads a failed attempt's body (bounded); None when the request was cancelled.
-async fn read_failure(
-    cx: &Ctx<'_>,
-    resp: hyper::Response<hyper::body::Incoming>,
-) -> Option<Answer> {
+/// Reads an answer's body (bounded); None when the request was cancelled.
+/// A 2xx whose body breaks off counts as no answer (status 0).
+async fn read_answer(cx: &Ctx<'_>, resp: hyper::Response<hyper::body::Incoming>) -> Option<Answer> {
     let (parts, b) = resp.into_parts();
     let read = tokio::select! {
         biased;
@@ -318,62 +321,60 @@ fn cancelled_give_up() -> GiveUp {
     }
 }
 
-/// Hands a successful upstream answer to the client.
-async fn deliver(
+/// Hands a successful streamed answer to the client: the guard and the
+/// upstream place move into the body, released when the stream ends or
+/// when hyper drops the body because the client left.
+fn deliver_stream(
     cx: &Ctx<'_>,
     guard: RequestGuard,
     permit: Permit,
     resp: hyper::Response<hyper::body::Incoming>,
-    stream: bool,
 ) -> Response {
-    let (state, deadline, cancel) = (cx.state, cx.deadline, cx.cancel);
     let key = guard.key();
-    let table = guard.table().clone();
+    if guard
+        .table()
+        .transition(key, &["sending"], Phase::Streaming)
+        .is_err()
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     let (parts, body) = resp.into_parts();
-    if stream {
-        if table
-            .transition(key, &["sending"], Phase::Streaming)
-            .is_err()
-        {
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        }
-        events::client_write(key.id(), "head");
-        // The guard moves into the body: it is released when the stream ends
-        // or when hyper drops the body because the client left.
-        let body = forward::passthrough(body, guard, |g: &RequestGuard| {
+    events::client_write(key.id(), "head");
+    let watch = forward::StreamWatch {
+        idle: Some(Duration::from_millis(cx.state.cfg.stream_idle_ms)),
+        stop: Some(cx.cancel.clone()),
+    };
+    let body = forward::passthrough(
+        body,
+        (guard, permit),
+        watch,
+        |(g, _): &(RequestGuard, Permit)| {
             let _ = g
                 .table()
                 .transition(g.key(), &["streaming"], Phase::Finished);
             events::client_write(g.key().id(), "end");
-        });
-        let mut out = Response::new(body);
-        *out.status_mut() = parts.status;
-        copy_header(&parts.headers, out.headers_mut(), header::CONTENT_TYPE);
-        out.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return out;
-    }
-    let read = tokio::select! {
-        biased;
-        _ = cancel.cancelled() => Err(ForwardError::Body("request cancelled".into())),
-        r = tokio::time::timeout_at(deadline, forward::read_body(body, state.cfg.upstream_body_bytes_max)) =>
-            r.unwrap_or_else(|_| Err(ForwardError::Body("deadline passed".into()))),
-    };
-    drop(permit);
+        },
+    );
+    let mut out = Response::new(body);
+    *out.status_mut() = parts.status;
+    copy_header(&parts.headers, out.headers_mut(), header::CONTENT_TYPE);
+    out.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    out
+}
+
+/// Hands a successful answer's body to the client.
+fn deliver_body(
+    table: &super::requests::RequestTable,
+    key: RequestKey,
+    answer: Answer,
+) -> Response {
     let _ = table.transition(key, &["sending"], Phase::Finished);
     events::client_write(key.id(), "end");
-    match read {
-        Ok(bytes) => {
-            let mut out = Response::new(axum::body::Body::from(bytes));
-            copy_header(&parts.headers, out.headers_mut(), header::CONTENT_TYPE);
-            out
-        }
-        Err(e) => (
-            StatusCode::BAD_GATEWAY,
-            axum::Json(json!({"error": {"message": e.to_string(), "type": "upstream_error"}})),
-        )
-            .into_response(),
-    }
+    let mut out = Response::new(axum::body::Body::from(answer.body));
+    *out.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    copy_header(&answer.headers, out.headers_mut(), header::CONTENT_TYPE);
+    out
 }
 
 fn copy_header(from: &http::HeaderMap, to: &mut http::HeaderMap, name: header::HeaderName) {

@@ -106,33 +106,64 @@ pub async fn read_body(body: Incoming, bytes_max: usize) -> Result<Bytes, Forwar
     }
 }
 
+/// What may end a stream early: an upstream that goes quiet for too long,
+/// or the request's cancellation (logout, user disabled or deleted).
+#[derive(Clone, Default)]
+pub struct StreamWatch {
+    pub idle: Option<std::time::Duration>,
+    pub stop: Option<tokio_util::sync::CancellationToken>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A streaming body that forwards `upstream` and keeps `owner` alive until
 /// the stream ends or the client goes away (hyper drops the body then),
-/// then runs `on_end` if the stream ended normally.
+/// then runs `on_end` if the stream ended normally. A stall or a stop per
+/// `watch` ends it with an error (hyper then aborts the client connection).
 pub fn passthrough<G: Send + 'static>(
     upstream: Incoming,
     owner: G,
+    watch: StreamWatch,
     on_end: impl FnOnce(&G) + Send + 'static,
 ) -> Body {
     struct State<G, F> {
         upstream: Incoming,
         owner: G,
+        watch: StreamWatch,
         on_end: Option<F>,
+        failed: bool,
     }
     let state = State {
         upstream,
         owner,
+        watch,
         on_end: Some(on_end),
+        failed: false,
     };
     let stream = futures::stream::unfold(state, |mut s| async move {
+        if s.failed {
+            return None;
+        }
         loop {
-            match s.upstream.frame().await {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => return Some((Ok::<Bytes, hyper::Error>(data), s)),
+            let frame = tokio::select! {
+                biased;
+                _ = stopped(s.watch.stop.as_ref()) => Err::<_, BoxError>("request cancelled".into()),
+                f = idle_bounded(s.watch.idle, s.upstream.frame()) => f,
+            };
+            match frame {
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => return Some((Ok::<Bytes, BoxError>(data), s)),
                     Err(_trailers) => continue,
                 },
-                Some(Err(e)) => return Some((Err(e), s)),
-                None => {
+                Ok(Some(Err(e))) => {
+                    s.failed = true;
+                    return Some((Err(e.into()), s));
+                }
+                Err(e) => {
+                    s.failed = true;
+                    return Some((Err(e), s));
+                }
+                Ok(None) => {
                     if let Some(f) = s.on_end.take() {
                         f(&s.owner);
                     }
@@ -142,6 +173,25 @@ pub fn passthrough<G: Send + 'static>(
         }
     });
     Body::from_stream(stream)
+}
+
+async fn stopped(token: Option<&tokio_util::sync::CancellationToken>) {
+    match token {
+        Some(t) => t.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn idle_bounded<T>(
+    idle: Option<std::time::Duration>,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, BoxError> {
+    match idle {
+        Some(d) => tokio::time::timeout(d, f)
+            .await
+            .map_err(|_| "the upstream stream stalled".into()),
+        None => Ok(f.await),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -78,6 +78,8 @@ pub struct ProxyConfig {
     pub upstream_body_bytes_max: usize,
     /// A session cookie expires this long after login.
     pub session_max_age_s: u64,
+    /// A streamed answer whose upstream sends nothing for this long is cut.
+    pub stream_idle_ms: u64,
     /// Idle upstream connections kept per host (0: close after each answer).
     pub upstream_idle_per_host_max: usize,
 }
@@ -97,6 +99,7 @@ impl Default for ProxyConfig {
             upstream_body_bytes_max: 8 * 1024 * 1024,
             session_max_age_s: 7 * 24 * 3600,
             upstream_idle_per_host_max: 32,
+            stream_idle_ms: 60_000,
         }
     }
 }

@@ -276,7 +276,12 @@ fn pipe(resp: hyper::Response<hyper::body::Incoming>) -> Response {
     } else {
         parts.status
     };
-    let mut out = Response::new(forward::passthrough(body, (), |_| {}));
+    let mut out = Response::new(forward::passthrough(
+        body,
+        (),
+        forward::StreamWatch::default(),
+        |_| {},
+    ));
     *out.status_mut() = status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
         out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());

@@ -65,7 +65,10 @@ impl Grace {
             network_us: network_ms.saturating_mul(1000),
             // Never less than two round trips: the close must reach the
             // proxy, and an attempt in flight must reach the upstream.
-            client_gone_us: w.cancel_grace_ms.max(network_ms.saturating_mul(4)).saturating_mul(1000),
+            client_gone_us: w
+                .cancel_grace_ms
+                .max(network_ms.saturating_mul(4))
+                .saturating_mul(1000),
         }
     }
 }
@@ -191,10 +194,15 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
         }
         "upstream.attempt" => {
             let fp = e.str("fp");
-            let late = |at: Option<&u64>, grace_us: u64| at.copied().filter(|&c| t > c.saturating_add(grace_us));
+            let late = |at: Option<&u64>, grace_us: u64| {
+                at.copied().filter(|&c| t > c.saturating_add(grace_us))
+            };
             let cause = late(w.stopped_at.get(fp), grace.network_us)
                 .map(|c| (c, "the proxy released or cancelled its request"))
-                .or_else(|| late(w.abandoned_at.get(fp), grace.client_gone_us).map(|c| (c, "its client left")));
+                .or_else(|| {
+                    late(w.abandoned_at.get(fp), grace.client_gone_us)
+                        .map(|c| (c, "its client left"))
+                });
             if let Some((c, why)) = cause {
                 let n = e.u64("attempt");
                 w.report("attempt-after-cancel", t, || {
@@ -268,13 +276,13 @@ fn step_rates(w: &mut Walk, e: &Event, grace_us: u64) {
         }
         "upstream.attempt" => {
             let fp = e.str("fp").to_string();
-            if let Some((sent, until)) = w.hinted.remove(&fp) {
-                if t < until {
-                    let n = e.u64("attempt");
-                    w.report("retry-after-violated", t, || {
+            if let Some((sent, until)) = w.hinted.remove(&fp)
+                && t < until
+            {
+                let n = e.u64("attempt");
+                w.report("retry-after-violated", t, || {
                         format!("attempt {n} of generation {fp} reached the upstream at {}, {} before the Retry-After the proxy read at {} ran out", secs(t), secs(until - t), secs(sent))
                     });
-                }
             }
             if let Some((sent, until)) = w.gate {
                 // Anything arriving within a round trip of the proxy reading

@@ -190,13 +190,19 @@ where
     }
 
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        if let Some(name) = ctx.span(id).and_then(|s| s.extensions().get::<NodeName>().map(|n| n.0.clone())) {
+        if let Some(name) = ctx
+            .span(id)
+            .and_then(|s| s.extensions().get::<NodeName>().map(|n| n.0.clone()))
+        {
             CURRENT_NODE.with(|c| *c.borrow_mut() = Some(name));
         }
     }
 
     fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        if ctx.span(id).is_some_and(|s| s.extensions().get::<NodeName>().is_some()) {
+        if ctx
+            .span(id)
+            .is_some_and(|s| s.extensions().get::<NodeName>().is_some())
+        {
             CURRENT_NODE.with(|c| *c.borrow_mut() = None);
         }
     }

@@ -151,7 +151,9 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
         .min_message_latency(Duration::from_millis(w.latency_ms_min))
         .max_message_latency(Duration::from_millis(w.latency_ms_max))
         .simulation_duration(Duration::from_millis(
-            w.sim_ms_max.saturating_add(w.quiesce_ms_max).saturating_add(1_000),
+            w.sim_ms_max
+                .saturating_add(w.quiesce_ms_max)
+                .saturating_add(1_000),
         ))
         .build();
 
@@ -210,8 +212,12 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
             let state = ProxyState::new(cfg, users, secret, upstream, proxy_seed, clock, exit);
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT));
             let tagged = |e: std::io::Error| format!("{PROXY_ERROR_PREFIX}{e}");
-            let listener = Listener::bind(Transport::Turmoil, addr).await.map_err(tagged)?;
-            serve(listener, app(state), ServeLimits::default()).await.map_err(tagged)?;
+            let listener = Listener::bind(Transport::Turmoil, addr)
+                .await
+                .map_err(tagged)?;
+            serve(listener, app(state), ServeLimits::default())
+                .await
+                .map_err(tagged)?;
             Ok(())
         }
     });
@@ -269,7 +275,11 @@ fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<Strin
                 (EndReason::ProxyCrashed, ms, Some(reason))
             } else {
                 let host = panic.host.unwrap_or_else(|| "the harness".into());
-                (EndReason::HarnessError, ms, Some(format!("{host} panicked: {}", panic.message)))
+                (
+                    EndReason::HarnessError,
+                    ms,
+                    Some(format!("{host} panicked: {}", panic.message)),
+                )
             }
         }
     }
@@ -284,7 +294,11 @@ fn step_to_end(
     let w = &spec.scenario.world;
     // Once quiescent, keep going this long so nothing still on the wire
     // (a late attempt, a late write) escapes the oracle.
-    let settle = Duration::from_millis(w.latency_ms_max.saturating_mul(2).saturating_add(w.tick_ms.saturating_mul(2)));
+    let settle = Duration::from_millis(
+        w.latency_ms_max
+            .saturating_mul(2)
+            .saturating_add(w.tick_ms.saturating_mul(2)),
+    );
     let mut clients_done_at: Option<Duration> = None;
     let mut quiet_since: Option<Duration> = None;
     loop {
@@ -308,7 +322,11 @@ fn step_to_end(
             }
         };
         if recorder.overflowed() {
-            return (EndReason::EventLimit, ms, Some(format!("more than {EVENTS_MAX} events in one world")));
+            return (
+                EndReason::EventLimit,
+                ms,
+                Some(format!("more than {EVENTS_MAX} events in one world")),
+            );
         }
         if done {
             let since = *clients_done_at.get_or_insert(now);
@@ -362,8 +380,14 @@ mod panics {
         let out = catch_unwind(AssertUnwindSafe(f));
         IN_WORLD.with(|c| c.set(false));
         out.map_err(|payload| {
-            let (host, message) = FIRST.with(|c| c.borrow_mut().take()).unwrap_or_else(|| (None, payload_text(&*payload)));
-            Panic { host, message, at_ms: SIM_MS.with(Cell::get) }
+            let (host, message) = FIRST
+                .with(|c| c.borrow_mut().take())
+                .unwrap_or_else(|| (None, payload_text(&*payload)));
+            Panic {
+                host,
+                message,
+                at_ms: SIM_MS.with(Cell::get),
+            }
         })
     }
 
@@ -422,8 +446,12 @@ mod tests {
             }
             out
         });
-        let panic = outcome.err().expect("the host's panic must surface");
+        let panic = outcome.expect_err("the host's panic must surface");
         assert_eq!(panic.host.as_deref(), Some(PROXY_HOST));
-        assert!(panic.message.contains("boom in the proxy"), "{}", panic.message);
+        assert!(
+            panic.message.contains("boom in the proxy"),
+            "{}",
+            panic.message
+        );
     }
 }
