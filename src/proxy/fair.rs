@@ -17,6 +17,9 @@ pub struct FairnessConfig {
     pub user_requests_max: usize,
     /// Upstream attempts in flight over all users.
     pub upstream_concurrency_max: usize,
+    /// Serve waiters round-robin by user (false: first come, first served,
+    /// which lets one user's burst delay everyone; for comparison only).
+    pub round_robin: bool,
 }
 
 impl Default for FairnessConfig {
@@ -24,6 +27,7 @@ impl Default for FairnessConfig {
         Self {
             user_requests_max: 32,
             upstream_concurrency_max: 64,
+            round_robin: true,
         }
     }
 }
@@ -48,6 +52,7 @@ struct Inner {
     /// The user served last; the next grant goes to the next user after it.
     last: Option<String>,
     next_id: u64,
+    round_robin: bool,
 }
 
 /// The global upstream concurrency limit, served round-robin by user.
@@ -68,12 +73,18 @@ impl Drop for Permit {
 
 impl FairLimiter {
     pub fn new(permits: usize) -> Arc<Self> {
+        Self::with_order(permits, true)
+    }
+
+    /// `round_robin: false` serves waiters in arrival order.
+    pub fn with_order(permits: usize, round_robin: bool) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 free: permits,
                 queues: BTreeMap::new(),
                 last: None,
                 next_id: 0,
+                round_robin,
             }),
         })
     }
@@ -148,8 +159,17 @@ impl FairLimiter {
     }
 }
 
-/// The first user with waiters after `last` in handle order, wrapping.
+/// The first user with waiters after `last` in handle order, wrapping
+/// (or, without round-robin, the user of the oldest waiter).
 fn next_user(inner: &Inner) -> Option<String> {
+    if !inner.round_robin {
+        return inner
+            .queues
+            .iter()
+            .filter_map(|(u, q)| q.front().map(|w| (w.id, u)))
+            .min()
+            .map(|(_, u)| u.clone());
+    }
     let after = match &inner.last {
         Some(last) => inner
             .queues
@@ -231,6 +251,30 @@ mod tests {
             pos("b") <= 2 && pos("c") <= 2,
             "b and c must not wait behind a's flood: {order:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn without_round_robin_a_flood_is_served_first() {
+        // The comparison the round-robin test relies on: in arrival order,
+        // b and c wait behind every one of a's requests.
+        let limiter = FairLimiter::with_order(1, false);
+        let held = limiter.acquire("a").await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for user in ["a", "a", "a", "b", "c"] {
+            let (l, o) = (Arc::clone(&limiter), Arc::clone(&order));
+            tasks.push(tokio::spawn(async move {
+                let _p = l.acquire(user).await;
+                o.lock().unwrap().push(user);
+                tokio::task::yield_now().await;
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["a", "a", "a", "b", "c"]);
     }
 
     #[tokio::test]

@@ -178,7 +178,10 @@ impl ProxyState {
             table: RequestTable::new(cfg.requests_max),
             gates: gate::Gates::default(),
             budget: budget::RetryBudget::new(cfg.budget.clone()),
-            limiter: fair::FairLimiter::new(cfg.fairness.upstream_concurrency_max),
+            limiter: fair::FairLimiter::with_order(
+                cfg.fairness.upstream_concurrency_max,
+                cfg.fairness.round_robin,
+            ),
             cfg,
             users: RwLock::new(users),
             secret,
