@@ -20,7 +20,9 @@ pub struct BudgetConfig {
     pub enabled: bool,
     /// Retries allowed per request in the window.
     pub retry_ratio: f64,
-    /// Retries always allowed per window, however few the requests.
+    /// Retries always allowed per window, however few the requests (the
+    /// default, 100 per 10 s, lets a few users retry freely; a storm of
+    /// failures across many requests is what the ratio stops).
     pub retries_per_window_min: u32,
     pub window_ms: u64,
 }
@@ -30,7 +32,7 @@ impl Default for BudgetConfig {
         Self {
             enabled: true,
             retry_ratio: 0.5,
-            retries_per_window_min: 10,
+            retries_per_window_min: 100,
             window_ms: 10_000,
         }
     }
