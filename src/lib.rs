@@ -20,7 +20,9 @@
 //! A seed fixes everything: the same seed gives the same trace hash.
 
 pub mod events;
+pub mod metrics;
 pub mod net;
 pub mod proxy;
+pub mod serve;
 pub mod sim;
 pub mod upstream;
