@@ -241,20 +241,7 @@ pub async fn serve(listener: Listener, app: Router, limits: ServeLimits) -> io::
             Err(e) => return Err(e),
         };
         let app = app.clone();
-        let service =
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let timeout_ms = limits.body_read_timeout_ms;
-                let mut req = req.map(|inner| {
-                    axum::body::Body::new(TimeoutBody {
-                        inner,
-                        sleep: Box::pin(tokio::time::sleep(Duration::from_millis(timeout_ms))),
-                        timeout_ms,
-                    })
-                });
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                tower::ServiceExt::oneshot(app.clone(), req)
-            });
+        let service = hyper::service::service_fn(move |req| handle(app.clone(), req, peer, limits));
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -268,6 +255,54 @@ pub async fn serve(listener: Listener, app: Router, limits: ServeLimits) -> io::
                 .await;
         });
     }
+}
+
+/// One request: bounds its head and body, records the peer, runs `app`.
+async fn handle(
+    app: Router,
+    req: hyper::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    limits: ServeLimits,
+) -> Result<axum::response::Response, std::convert::Infallible> {
+    if head_bytes(&req) > limits.header_bytes_max {
+        return Ok(head_too_large(limits.header_bytes_max));
+    }
+    let timeout_ms = limits.body_read_timeout_ms;
+    let mut req = req.map(|inner| {
+        axum::body::Body::new(TimeoutBody {
+            inner,
+            sleep: Box::pin(tokio::time::sleep(Duration::from_millis(timeout_ms))),
+            timeout_ms,
+        })
+    });
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    tower::ServiceExt::oneshot(app, req).await
+}
+
+/// Bytes of a request head as sent: request line and header lines.
+/// hyper's own bound (`max_buf_size`) is per read buffer and lets a head of
+/// up to about twice the limit through; this one is exact.
+fn head_bytes<B>(req: &hyper::Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+fn head_too_large(limit: usize) -> axum::response::Response {
+    let body = serde_json::json!({"error": {"message": format!(
+        "request headers are larger than {limit} bytes (header_bytes_max); send fewer or shorter headers"
+    ), "type": "invalid_request_error", "param": null, "code": null}});
+    let mut resp = axum::response::Response::new(axum::body::Body::from(body.to_string()));
+    *resp.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn is_transient_accept_error(e: &io::Error) -> bool {

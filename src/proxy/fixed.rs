@@ -193,6 +193,17 @@ async fn deliver(
     };
     let _ = table.transition(key, &["sending"], Phase::Finished);
     events::client_write(key.id(), "end");
+    // A 2xx whose body is not JSON is garbage, not a completion: say so
+    // instead of handing it on.
+    let read = read.and_then(|bytes| {
+        match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            Ok(_) => Ok(bytes),
+            Err(e) => Err(ForwardError::Garbage(format!(
+                "the upstream answered {} with a body that is not JSON ({e}); check upstream_url",
+                parts.status.as_u16()
+            ))),
+        }
+    });
     match read {
         Ok(bytes) => {
             let mut out = Response::new(axum::body::Body::from(bytes));
