@@ -55,6 +55,10 @@ enum Command {
     /// (RUST_LOG honoured, default "info,tavernsim::ev=warn").
     #[command(after_help = SERVE_AFTER_HELP)]
     Serve(ServeArgs),
+    /// Read a password from the first line of stdin and print its argon2id
+    /// hash, for a `password_hash` in a users file (how the first admin
+    /// gets a password).
+    HashPassword,
 }
 
 const SERVE_AFTER_HELP: &str = "Examples:\n  \
@@ -199,7 +203,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay(args),
         Command::Classify(args) => classify(args),
         Command::Serve(args) => serve(args),
+        Command::HashPassword => hash_password(),
     }
+}
+
+fn hash_password() -> anyhow::Result<ExitCode> {
+    use rand::{Rng, SeedableRng};
+    use std::io::Read as _;
+    use tavernsim::proxy::users::{HashCost, PASSWORD_BYTES_MAX};
+    let mut line = String::new();
+    std::io::Read::take(std::io::stdin().lock(), PASSWORD_BYTES_MAX as u64 + 2)
+        .read_to_string(&mut line)
+        .context("cannot read the password from stdin")?;
+    let password = line.lines().next().unwrap_or("");
+    if password.is_empty() {
+        anyhow::bail!(
+            "no password on stdin; run e.g. `printf '%s\\n' 'my password' | tavernsim hash-password`"
+        );
+    }
+    let salt: [u8; 16] = rand_chacha::ChaCha20Rng::from_os_rng().random();
+    let phc = tavernsim::proxy::users::hash_password(password, &salt, HashCost::Standard)?;
+    outln!("{phc}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Logs for `serve` only: the simulation installs its own subscriber per

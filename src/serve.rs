@@ -298,6 +298,12 @@ pub async fn start_demo(listen: SocketAddr, exit: ExitHook) -> anyhow::Result<Ru
         listen,
         proxy: ProxyConfig {
             upstream_url: upstream_url.clone(),
+            // 3 attempts in 10 get a 429: with 8 attempts a request gives
+            // up about once in 150000, so pasted commands just work.
+            retry: crate::proxy::RetryPolicy {
+                attempts_max: 8,
+                ..Default::default()
+            },
             ..ProxyConfig::default()
         },
         ..ServeConfig::default()
@@ -348,4 +354,84 @@ pub fn demo_commands(addr: SocketAddr) -> String {
         format!("curl -s {base}/metrics | grep -v '^#'"),
     ]
     .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_and_users_file_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let cfg = ServeConfig::load(&dir.join("tavernsim.toml")).unwrap();
+        assert_eq!(
+            ServeConfig {
+                users_file: None,
+                ..cfg.clone()
+            },
+            ServeConfig {
+                users_file: None,
+                ..ServeConfig::default()
+            },
+            "the example shows the defaults"
+        );
+        let users = UserStore::load(&cfg.users_file.unwrap()).unwrap();
+        assert!(users.get("admin").unwrap().admin);
+        assert!(users.verify_password("admin", "change-me").is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        let cases = [
+            ("lisen = \"127.0.0.1:1\"", "lisen"),
+            ("listen = \"nowhere\"", "listen"),
+            ("[proxy]\nupstream = \"x\"", "upstream"),
+            (
+                "[proxy.retry]\nattempts_max = 0",
+                "proxy.retry.attempts_max",
+            ),
+            ("[proxy.login]\nwindow_ms = 0", "proxy.login.window_ms"),
+            ("[proxy]\nrequests_max = 0", "proxy.requests_max"),
+            (
+                "[limits]\nbody_read_timeout_ms = 0",
+                "limits.body_read_timeout_ms",
+            ),
+            ("[limits]\nheader_bytes = 1", "header_bytes"),
+            ("session_secret = \"abc\"", "session_secret"),
+            ("[proxy]\nbody_bytes_max = -1", "body_bytes_max"),
+        ];
+        for (text, key) in cases {
+            let err = ServeConfig::parse(text).unwrap_err();
+            assert!(
+                err.contains(key),
+                "{text:?} gave {err:?}, which does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("tavernsim-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[proxy]\nupstream_ur = \"http://x\"\n").unwrap();
+        let err = format!("{:#}", ServeConfig::load(&bad).unwrap_err());
+        assert!(
+            err.contains("bad.toml") && err.contains("upstream_ur"),
+            "{err}"
+        );
+        let missing = format!(
+            "{:#}",
+            ServeConfig::load(&dir.join("nope.toml")).unwrap_err()
+        );
+        assert!(missing.contains("nope.toml"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_session_secret_is_64_hex_digits() {
+        assert!(parse_secret(&"ab".repeat(32)).is_ok());
+        assert!(parse_secret(&"ab".repeat(31)).is_err());
+        assert!(parse_secret(&"zz".repeat(32)).is_err());
+    }
 }
