@@ -11,6 +11,8 @@
 /// The `tracing` target of every event the trace layer records.
 pub const TARGET: &str = "tavernsim::ev";
 
+use crate::metrics::COUNTERS;
+
 macro_rules! ev {
     ($kind:literal $(, $($field:tt)*)?) => {
         tracing::info!(target: "tavernsim::ev", kind = $kind $(, $($field)*)?)
@@ -21,6 +23,7 @@ macro_rules! ev {
 
 /// A request entered the table.
 pub fn req_admit(key: u64, user: &str, session: u64, fp: &str, stream: bool) {
+    COUNTERS.requests_admitted.inc();
     ev!("req.admit", key, user, session, fp, stream);
 }
 
@@ -36,16 +39,19 @@ pub fn req_phase_conflict(key: u64, expected: &str, found: &str) {
 
 /// A request's cancellation token was cancelled (and why).
 pub fn req_cancel(key: u64, reason: &str) {
+    COUNTERS.cancel(reason);
     ev!("req.cancel", key, reason);
 }
 
 /// A request left the table: its state is gone.
 pub fn req_release(key: u64) {
+    COUNTERS.requests_released.inc();
     ev!("req.release", key);
 }
 
 /// Something used a key whose slot was already released.
 pub fn req_stale(key: u64, op: &str) {
+    COUNTERS.stale_accesses.inc();
     tracing::warn!(target: "tavernsim::ev", kind = "req.stale", key, op);
 }
 
@@ -59,11 +65,13 @@ pub fn client_write(key: u64, what: &str) {
 
 /// The proxy starts an upstream attempt for request `key`.
 pub fn attempt_start(key: u64, attempt: u32) {
+    COUNTERS.attempts.inc();
     ev!("attempt.start", key, attempt);
 }
 
 /// An upstream attempt ended with `status` (0: no HTTP answer).
 pub fn attempt_end(key: u64, attempt: u32, status: u16, decision: &str, wait_ms: u64) {
+    COUNTERS.attempt_end(status, decision);
     ev!("attempt.end", key, attempt, status, decision, wait_ms);
 }
 

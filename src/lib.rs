@@ -28,7 +28,9 @@ compile_error!(
 );
 
 pub mod events;
+pub mod metrics;
 pub mod net;
 pub mod proxy;
+pub mod serve;
 pub mod sim;
 pub mod upstream;

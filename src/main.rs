@@ -50,6 +50,49 @@ enum Command {
     /// case of a fixtures file), as JSON:
     /// {"decision":"retry"|"backoff"|"give-up"|"success","wait_ms":N|null,"reason":"..."}
     Classify(ClassifyArgs),
+    /// Run the multi-user proxy on real sockets: from a TOML config file,
+    /// or `--demo` with a mock upstream in-process. Logs go to stderr
+    /// (RUST_LOG honoured, default "info,tavernsim::ev=warn").
+    #[command(after_help = SERVE_AFTER_HELP)]
+    Serve(ServeArgs),
+    /// Read a password from the first line of stdin and print its argon2id
+    /// hash, for a `password_hash` in a users file (how the first admin
+    /// gets a password).
+    HashPassword,
+}
+
+const SERVE_AFTER_HELP: &str = "Examples:\n  \
+tavernsim serve --demo                      # mock upstream, user demo/demo, token demo-token; prints curl commands\n  \
+tavernsim serve --config tavernsim.toml     # see README.md for the config file's keys\n  \
+tavernsim serve --config tavernsim.toml --listen 0.0.0.0:8000 --upstream http://127.0.0.1:9000/v1";
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// The TOML config file: listen, users_file, session_secret, [limits],
+    /// [proxy], [proxy.retry], [proxy.login] (see README.md).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "demo",
+        conflicts_with = "demo"
+    )]
+    config: Option<PathBuf>,
+    /// Demo mode: start the mock upstream (some 429s, so retries show) on a
+    /// loopback port and a demo user demo/demo with bearer token demo-token
+    /// (in memory only), and print curl commands to try it.
+    #[arg(long)]
+    demo: bool,
+    /// Listen on ADDR instead of the config's `listen` (default 127.0.0.1:8000).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Use URL as the upstream API root instead of the config's
+    /// proxy.upstream_url, e.g. http://127.0.0.1:9000/v1.
+    #[arg(long, value_name = "URL", conflicts_with = "demo")]
+    upstream: Option<String>,
+    /// For testing only: serve a defective SillyTavern variant
+    /// (sillytavern-1.12.6, sillytavern-1.12.7) instead of the fixed proxy.
+    #[arg(long, default_value = "fixed", value_parser = parse_variant)]
+    variant: Variant,
 }
 
 #[derive(Parser)]
@@ -159,7 +202,102 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fuzz(args) => fuzz(args),
         Command::Replay(args) => replay(args),
         Command::Classify(args) => classify(args),
+        Command::Serve(args) => serve(args),
+        Command::HashPassword => hash_password(),
     }
+}
+
+fn hash_password() -> anyhow::Result<ExitCode> {
+    use rand::{Rng, SeedableRng};
+    use std::io::Read as _;
+    use tavernsim::proxy::users::{HashCost, PASSWORD_BYTES_MAX};
+    let mut line = String::new();
+    std::io::Read::take(std::io::stdin().lock(), PASSWORD_BYTES_MAX as u64 + 2)
+        .read_to_string(&mut line)
+        .context("cannot read the password from stdin")?;
+    let password = line.lines().next().unwrap_or("");
+    if password.is_empty() {
+        anyhow::bail!(
+            "no password on stdin; run e.g. `printf '%s\\n' 'my password' | tavernsim hash-password`"
+        );
+    }
+    let salt: [u8; 16] = rand_chacha::ChaCha20Rng::from_os_rng().random();
+    let phc = tavernsim::proxy::users::hash_password(password, &salt, HashCost::Standard)?;
+    outln!("{phc}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs for `serve` only: the simulation installs its own subscriber per
+/// world and must never see a global one's output.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    const DEFAULT: &str = "info,tavernsim::ev=warn";
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).unwrap_or_else(|e| {
+            eprintln!("tavernsim: RUST_LOG={v:?} is not a valid filter ({e}); using {DEFAULT:?}");
+            EnvFilter::new(DEFAULT)
+        }),
+        _ => EnvFilter::new(DEFAULT),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    use tavernsim::proxy::ExitHook;
+    use tavernsim::serve::{ServeConfig, demo_commands, start_demo, start_from_config};
+    let cfg = match &args.config {
+        Some(path) => {
+            let mut cfg = ServeConfig::load(path)?;
+            if let Some(listen) = args.listen {
+                cfg.listen = listen;
+            }
+            if let Some(url) = &args.upstream {
+                cfg.proxy.upstream_url = url.clone();
+            }
+            cfg.proxy.variant = args.variant;
+            Some(cfg)
+        }
+        None => None,
+    };
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let running = match cfg {
+            Some(cfg) => start_from_config(cfg, ExitHook::process()).await?,
+            None => {
+                let listen = args
+                    .listen
+                    .unwrap_or_else(|| ServeConfig::default().listen);
+                start_demo(listen, ExitHook::process()).await?
+            }
+        };
+        let addr = running.addr;
+        let upstream = running
+            .upstream_url
+            .clone()
+            .unwrap_or_else(|| running.state.cfg.upstream_url.clone());
+        tracing::info!(%addr, %upstream, variant = %args.variant, "serving");
+        outln!("tavernsim serve: proxy on http://{addr}, upstream {upstream}, variant {}", args.variant);
+        if args.demo {
+            outln!(
+                "demo mode: the mock upstream answers about 3 attempts in 10 with 429, so the proxy retries;\n\
+                 user demo, password demo, bearer token demo-token (demo only, users in memory). Try:\n"
+            );
+            outln!("{}\n", demo_commands(addr));
+        }
+        outln!("Ctrl-C stops the server.");
+        tokio::select! {
+            r = running.wait() => r.map(|()| ExitCode::SUCCESS),
+            _ = tokio::signal::ctrl_c() => Ok(ExitCode::SUCCESS),
+        }
+    })
 }
 
 fn load_scenarios(names: &[String]) -> anyhow::Result<Vec<NamedScenario>> {

@@ -128,13 +128,21 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Bounds on what one HTTP/1 connection may cost the server.
-#[derive(Clone, Copy, Debug)]
+/// Bounds on what one HTTP/1 connection may cost the server (`[limits]` in
+/// a serve config).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ServeLimits {
     /// A client that has not sent a whole request head by then is dropped.
     pub header_read_timeout_ms: u64,
-    /// Largest request head (request line and headers) accepted.
+    /// Largest request head (request line and headers) accepted; hyper
+    /// answers 431 past it. Values below 8192 count as 8192 (hyper's floor).
     pub header_bytes_max: usize,
+    /// Most header lines in one request head; hyper answers 431 past it.
+    pub headers_max: usize,
+    /// A request body not complete this long after its head arrived fails
+    /// with [`BodyTimeout`] (the proxy answers 408).
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for ServeLimits {
@@ -142,7 +150,78 @@ impl Default for ServeLimits {
         Self {
             header_read_timeout_ms: 10_000,
             header_bytes_max: 64 * 1024,
+            headers_max: 100,
+            body_read_timeout_ms: 30_000,
         }
+    }
+}
+
+impl ServeLimits {
+    /// Checks the values; the error names the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            (
+                (1..=3_600_000).contains(&self.header_read_timeout_ms),
+                "limits.header_read_timeout_ms must be within 1..=3600000",
+            ),
+            (
+                (1..=16 * 1024 * 1024).contains(&self.header_bytes_max),
+                "limits.header_bytes_max must be within 1..=16777216",
+            ),
+            (
+                (1..=10_000).contains(&self.headers_max),
+                "limits.headers_max must be within 1..=10000",
+            ),
+            (
+                (1..=3_600_000).contains(&self.body_read_timeout_ms),
+                "limits.body_read_timeout_ms must be within 1..=3600000",
+            ),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, msg)) => Err((*msg).to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A request body did not arrive within `body_read_timeout_ms`.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+#[error(
+    "the request body did not arrive within {0} ms (body_read_timeout_ms); send the whole body at once"
+)]
+pub struct BodyTimeout(pub u64);
+
+/// A request body that fails with [`BodyTimeout`] once its deadline passes.
+struct TimeoutBody {
+    inner: hyper::body::Incoming,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    timeout_ms: u64,
+}
+
+impl http_body::Body for TimeoutBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+        }
+        match this.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(this.timeout_ms))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -150,21 +229,25 @@ impl Default for ServeLimits {
 ///
 /// Each connection runs in its own task. When a client goes away, hyper
 /// drops the request's handler future; the proxy's cancellation rides on
-/// that drop.
+/// that drop. Every request carries the peer's address as axum's
+/// `ConnectInfo<SocketAddr>` extension, and its body is bounded in time by
+/// `limits.body_read_timeout_ms`.
 pub async fn serve(listener: Listener, app: Router, limits: ServeLimits) -> io::Result<()> {
     loop {
-        let (stream, _peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             // Out of descriptors or a reset before accept: keep serving.
             Err(e) if is_transient_accept_error(&e) => continue,
             Err(e) => return Err(e),
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| handle(app.clone(), req, peer, limits));
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+                .max_headers(limits.headers_max)
                 .max_buf_size(limits.header_bytes_max.max(8192));
             // A connection error is the client's business, not the server's.
             let _ = builder
@@ -172,6 +255,54 @@ pub async fn serve(listener: Listener, app: Router, limits: ServeLimits) -> io::
                 .await;
         });
     }
+}
+
+/// One request: bounds its head and body, records the peer, runs `app`.
+async fn handle(
+    app: Router,
+    req: hyper::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    limits: ServeLimits,
+) -> Result<axum::response::Response, std::convert::Infallible> {
+    if head_bytes(&req) > limits.header_bytes_max {
+        return Ok(head_too_large(limits.header_bytes_max));
+    }
+    let timeout_ms = limits.body_read_timeout_ms;
+    let mut req = req.map(|inner| {
+        axum::body::Body::new(TimeoutBody {
+            inner,
+            sleep: Box::pin(tokio::time::sleep(Duration::from_millis(timeout_ms))),
+            timeout_ms,
+        })
+    });
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    tower::ServiceExt::oneshot(app, req).await
+}
+
+/// Bytes of a request head as sent: request line and header lines.
+/// hyper's own bound (`max_buf_size`) is per read buffer and lets a head of
+/// up to about twice the limit through; this one is exact.
+fn head_bytes<B>(req: &hyper::Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+fn head_too_large(limit: usize) -> axum::response::Response {
+    let body = serde_json::json!({"error": {"message": format!(
+        "request headers are larger than {limit} bytes (header_bytes_max); send fewer or shorter headers"
+    ), "type": "invalid_request_error", "param": null, "code": null}});
+    let mut resp = axum::response::Response::new(axum::body::Body::from(body.to_string()));
+    *resp.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn is_transient_accept_error(e: &io::Error) -> bool {

@@ -371,6 +371,19 @@ fn deliver_body(
 ) -> Response {
     let _ = table.transition(key, &["sending"], Phase::Finished);
     events::client_write(key.id(), "end");
+    // A 2xx whose body is not JSON is garbage, not a completion: say so
+    // instead of handing it on.
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body) {
+        let message = format!(
+            "the upstream answered {} with a body that is not JSON ({e}); check upstream_url",
+            answer.status
+        );
+        return (
+            StatusCode::BAD_GATEWAY,
+            axum::Json(json!({"error": {"message": message, "type": "upstream_error"}})),
+        )
+            .into_response();
+    }
     let mut out = Response::new(axum::body::Body::from(answer.body));
     *out.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
     copy_header(&answer.headers, out.headers_mut(), header::CONTENT_TYPE);

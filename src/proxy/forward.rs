@@ -42,6 +42,9 @@ pub enum ForwardError {
     TooLarge(usize),
     #[error("the upstream's answer broke off: {0}")]
     Body(String),
+    /// A success status with a body that is not what the route promises.
+    #[error("{0}")]
+    Garbage(String),
 }
 
 impl Upstream {

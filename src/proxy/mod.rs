@@ -6,7 +6,8 @@
 //! - Routes: `POST /api/users/login`, `POST /api/users/logout`,
 //!   `GET /api/users/me`, `POST /api/backends/chat-completions/generate`
 //!   (SillyTavern's shape, cookie session), `POST /v1/chat/completions`
-//!   (OpenAI's shape, bearer token), `GET /health`. Both generation routes
+//!   (OpenAI's shape, bearer token), `GET /health`, `GET /metrics`, and the
+//!   admin API and `GET /csrf-token` ([`admin`]). Both generation routes
 //!   go through one core, [`generate`], which admits the request into the
 //!   [`requests::RequestTable`] and runs the configured [`Variant`].
 //!
@@ -14,6 +15,7 @@
 //! from tokio and the injected [`Clock`], randomness from a seeded
 //! generator.
 
+pub mod admin;
 pub mod budget;
 pub mod classify;
 pub mod error;
@@ -21,13 +23,16 @@ pub mod fair;
 pub mod fixed;
 pub mod forward;
 pub mod gate;
+mod input;
 pub mod requests;
 pub mod retry;
 pub mod session;
 pub mod sillytavern;
+pub mod throttle;
 pub mod users;
 pub mod variant;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,13 +49,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 pub use error::ProxyError;
+pub use input::CSRF_HEADER;
 pub use retry::RetryPolicy;
 pub use variant::Variant;
 
+use crate::metrics::COUNTERS;
 use crate::upstream::fingerprint;
+use input::{Body, PeerIp, check_csrf};
 use requests::{RequestGuard, RequestMeta, RequestTable};
 use session::{Session, SessionSecret};
-use users::UserStore;
+use users::{AuthError, HashCost, UserStore};
 
 /// Everything the proxy is configured with, bar users and secrets.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -82,6 +90,8 @@ pub struct ProxyConfig {
     pub stream_idle_ms: u64,
     /// Idle upstream connections kept per host (0: close after each answer).
     pub upstream_idle_per_host_max: usize,
+    /// Per-IP login throttling.
+    pub login: throttle::LoginLimits,
 }
 
 impl Default for ProxyConfig {
@@ -100,6 +110,7 @@ impl Default for ProxyConfig {
             session_max_age_s: 7 * 24 * 3600,
             upstream_idle_per_host_max: 32,
             stream_idle_ms: 60_000,
+            login: throttle::LoginLimits::default(),
         }
     }
 }
@@ -162,6 +173,13 @@ pub struct ProxyState {
     pub budget: budget::RetryBudget,
     pub limiter: Arc<fair::FairLimiter>,
     sessions_issued: AtomicU64,
+    pub throttle: throttle::LoginThrottle,
+    /// Where admin changes are saved; `None`: users live in memory only.
+    pub users_file: Option<PathBuf>,
+    /// Cost of password hashes the admin API makes.
+    pub hash_cost: HashCost,
+    /// Serializes admin changes to the users.
+    admin_lock: Mutex<()>,
 }
 
 impl ProxyState {
@@ -174,6 +192,7 @@ impl ProxyState {
         clock: Clock,
         exit: ExitHook,
     ) -> Arc<Self> {
+        let cfg_login = cfg.login.clone();
         Arc::new(Self {
             table: RequestTable::new(cfg.requests_max),
             gates: gate::Gates::default(),
@@ -190,14 +209,35 @@ impl ProxyState {
             clock,
             exit,
             sessions_issued: AtomicU64::new(0),
+            throttle: throttle::LoginThrottle::new(cfg_login),
+            users_file: None,
+            hash_cost: HashCost::Standard,
+            admin_lock: Mutex::new(()),
         })
+    }
+
+    /// Saves admin changes to `path` from now on. Call before sharing the
+    /// state (a programmer error otherwise).
+    pub fn with_users_file(mut self: Arc<Self>, path: PathBuf) -> Arc<Self> {
+        Arc::get_mut(&mut self)
+            .expect("with_users_file before the state is shared")
+            .users_file = Some(path);
+        self
+    }
+
+    /// Hashes passwords the admin API sets at `cost`. Call before sharing.
+    pub fn with_hash_cost(mut self: Arc<Self>, cost: HashCost) -> Arc<Self> {
+        Arc::get_mut(&mut self)
+            .expect("with_hash_cost before the state is shared")
+            .hash_cost = cost;
+        self
     }
 
     pub fn with_rng<R>(&self, f: impl FnOnce(&mut ChaCha8Rng) -> R) -> R {
         f(&mut self.rng.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn users(&self) -> std::sync::RwLockReadGuard<'_, UserStore> {
+    pub(crate) fn users(&self) -> std::sync::RwLockReadGuard<'_, UserStore> {
         self.users.read().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -215,6 +255,8 @@ pub fn app(state: Arc<ProxyState>) -> Router {
         )
         .route("/v1/chat/completions", post(generate_openai))
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .merge(admin::routes())
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(state)
 }
@@ -243,7 +285,7 @@ struct LoginBody {
     password: String,
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProxyError> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProxyError> {
     serde_json::from_slice(body).map_err(|e| {
         ProxyError::BadRequest(format!(
             "request body is not valid JSON for this route: {e}"
@@ -251,15 +293,54 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProxyErr
     })
 }
 
-async fn login(State(state): State<Arc<ProxyState>>, body: Bytes) -> Result<Response, ProxyError> {
+async fn metrics(State(state): State<Arc<ProxyState>>) -> Response {
+    let text = crate::metrics::render(&state.table.phase_counts());
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// Password login. Exempt from CSRF (there is no session yet), but it must
+/// be `application/json`, which a cross-site form cannot send; throttled
+/// per IP, a success clears the address's count.
+async fn login(
+    State(state): State<Arc<ProxyState>>,
+    PeerIp(ip): PeerIp,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response, ProxyError> {
+    if let Some(ip) = ip
+        && let Err(wait) = state.throttle.try_acquire(ip, tokio::time::Instant::now())
+    {
+        COUNTERS.login("throttled");
+        let retry_after_s = wait.as_millis().div_ceil(1000).max(1) as u64;
+        return Err(ProxyError::LoginThrottled { retry_after_s });
+    }
+    if !input::is_json(&headers) {
+        return Err(ProxyError::UnsupportedMediaType(
+            "login needs Content-Type: application/json and a body {\"handle\":...,\"password\":...}".into(),
+        ));
+    }
     let LoginBody { handle, password } = parse_json(&body)?;
-    let user = {
-        let users = state.users();
-        users
-            .verify_password(&handle, &password)
-            .map(|u| u.handle.clone())
-            .map_err(|e| ProxyError::Forbidden(format!("login failed: {e}")))?
+    let verified = state
+        .users()
+        .verify_password(&handle, &password)
+        .map(|u| u.handle.clone());
+    let user = match verified {
+        Ok(user) => user,
+        Err(e) => {
+            COUNTERS.login("failed");
+            tracing::info!(handle = %handle.escape_debug(), ip = ?ip, reason = %e, "login failed");
+            // One message for unknown handles and wrong passwords, so
+            // handles stay private; "disabled" only to the right password.
+            return Err(ProxyError::Forbidden(match e {
+                AuthError::Disabled => e.to_string(),
+                _ => "login failed: wrong handle or password; check both and try again".into(),
+            }));
+        }
     };
+    if let Some(ip) = ip {
+        state.throttle.forget(ip);
+    }
+    COUNTERS.login("ok");
     let n = state.sessions_issued.fetch_add(1, Ordering::Relaxed);
     let session_id = state.with_rng(|r| r.random::<u64>()) ^ n;
     let session = Session {
@@ -283,6 +364,7 @@ async fn logout(
     headers: HeaderMap,
 ) -> Result<Response, ProxyError> {
     let who = principal_from_cookie(&state, &headers)?;
+    check_csrf(&state, &headers, &who)?;
     let cancelled = state.table.cancel_where("logout", |m| {
         m.user == who.handle && m.session_id == who.session_id
     });
@@ -303,7 +385,10 @@ async fn me(
 
 /// Re-reads the user on every request, like SillyTavern: a deleted or
 /// disabled user's cookie stops working at once.
-fn principal_from_cookie(state: &ProxyState, headers: &HeaderMap) -> Result<Principal, ProxyError> {
+pub(crate) fn principal_from_cookie(
+    state: &ProxyState,
+    headers: &HeaderMap,
+) -> Result<Principal, ProxyError> {
     let value = session::cookie_value(headers).ok_or(ProxyError::Unauthorized)?;
     let s = session::verify(
         &state.secret,
@@ -347,10 +432,17 @@ fn principal_from_bearer(state: &ProxyState, headers: &HeaderMap) -> Result<Prin
 async fn generate_sillytavern(
     State(state): State<Arc<ProxyState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Body, ProxyError>,
 ) -> Response {
-    let who = match principal_from_cookie(&state, &headers) {
+    COUNTERS.request("sillytavern");
+    let who = match principal_from_cookie(&state, &headers)
+        .and_then(|who| check_csrf(&state, &headers, &who).map(|()| who))
+    {
         Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let body = match body {
+        Ok(Body(b)) => b,
         Err(e) => return e.into_response(),
     };
     match sillytavern_to_openai(&body) {
@@ -362,10 +454,15 @@ async fn generate_sillytavern(
 async fn generate_openai(
     State(state): State<Arc<ProxyState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Body, ProxyError>,
 ) -> Response {
+    COUNTERS.request("openai");
     let who = match principal_from_bearer(&state, &headers) {
         Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let body = match body {
+        Ok(Body(b)) => b,
         Err(e) => return e.into_response(),
     };
     match parse_json::<Value>(&body).and_then(check_openai_request) {
@@ -442,6 +539,7 @@ pub async fn generate(
     let guard = match state.table.admit_capped(meta, user_cap) {
         Ok(g) => g,
         Err(requests::AdmitError::Full(full)) => {
+            COUNTERS.requests_rejected_busy.inc();
             return ProxyError::Busy(full.to_string()).into_response();
         }
         Err(e @ requests::AdmitError::UserCap(_)) => {
@@ -452,6 +550,17 @@ pub async fn generate(
             .into_response();
         }
     };
+    // An admin may have disabled or deleted the user between authentication
+    // and admission; their cancel_where ran before this request was in the
+    // table, so check again now that it is.
+    if !state.users().get(&who.handle).is_some_and(|u| u.enabled) {
+        drop(guard);
+        return ProxyError::Forbidden(format!(
+            "user '{}' was disabled or deleted; ask an admin",
+            who.handle
+        ))
+        .into_response();
+    }
     if let Some(obj) = req.as_object_mut() {
         obj.insert("user".into(), Value::String(who.handle.clone()));
         obj.entry("model")

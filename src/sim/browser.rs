@@ -1,6 +1,8 @@
-//! A browser tab actor: logs in, sends generations, and refreshes at
-//! random moments (drops its connection, waits a page load, reconnects with
-//! its cookie, re-reads the session, and may send again).
+//! A browser tab actor: logs in, fetches its CSRF token, sends generations
+//! (with the `x-csrf-token` header, as SillyTavern's page does), and
+//! refreshes at random moments (drops its connection, waits a page load,
+//! reconnects with its cookie, re-reads the session and the CSRF token, and
+//! may send again).
 //!
 //! Every choice comes from the tab's own generator, derived from the seed.
 
@@ -76,12 +78,18 @@ async fn connect(
     Err(last.unwrap_or_else(|| std::io::Error::other("connect failed")))
 }
 
+/// A logged-in tab's credentials: the session cookie and the CSRF token.
+struct Login {
+    cookie: String,
+    csrf: String,
+}
+
 /// One request on a fresh connection (a page load or a fetch).
 async fn exchange(
     spec: &TabSpec,
     method: &str,
     path: &str,
-    cookie: Option<&str>,
+    login: Option<&Login>,
     body: Option<Value>,
 ) -> std::io::Result<Answer> {
     let (mut sender, _conn) = connect(spec).await?;
@@ -89,8 +97,11 @@ async fn exchange(
         .method(method)
         .uri(path)
         .header(http::header::HOST, spec.proxy_host.as_str());
-    if let Some(c) = cookie {
-        req = req.header(http::header::COOKIE, c);
+    if let Some(l) = login {
+        req = req.header(http::header::COOKIE, l.cookie.as_str());
+        if !l.csrf.is_empty() {
+            req = req.header(crate::proxy::CSRF_HEADER, l.csrf.as_str());
+        }
     }
     let bytes = match body {
         Some(v) => {
@@ -122,7 +133,7 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     // Let the servers bind before the first page load.
     tokio::time::sleep(Duration::from_millis(rng.random_range(10..=200))).await;
-    let Some(cookie) = login(&spec).await else {
+    let Some(mut session) = login(&spec).await else {
         return Ok(());
     };
     let mut resend = false;
@@ -150,7 +161,7 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
             &spec,
             "POST",
             "/api/backends/chat-completions/generate",
-            Some(&cookie),
+            Some(&session),
             Some(body),
         );
         let limit = refresh_at
@@ -175,12 +186,17 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
                     rng.random_range(sc.page_load_ms_min..=sc.page_load_ms_max),
                 ))
                 .await;
-                match exchange(&spec, "GET", "/api/users/me", Some(&cookie), None).await {
+                match exchange(&spec, "GET", "/api/users/me", Some(&session), None).await {
                     Ok(a) => events::tab_reload(&spec.user, spec.tab, a.status.as_u16()),
                     Err(e) => {
                         events::tab_io_error(&spec.user, spec.tab, "", &e.to_string());
                         return Ok(());
                     }
+                }
+                // The reloaded page fetches its CSRF token again.
+                match csrf_token(&spec, &session.cookie).await {
+                    Some(token) => session.csrf = token,
+                    None => return Ok(()),
                 }
                 resend = rng.random_bool(sc.p_resend);
             }
@@ -198,12 +214,15 @@ fn log_uniform_ms(rng: &mut ChaCha8Rng, max_ms: u64) -> u64 {
     x.exp() as u64
 }
 
-async fn login(spec: &TabSpec) -> Option<String> {
+/// Logs in, then fetches the session's CSRF token.
+async fn login(spec: &TabSpec) -> Option<Login> {
     let body = json!({"handle": spec.user, "password": spec.password});
     match exchange(spec, "POST", "/api/users/login", None, Some(body)).await {
         Ok(a) if a.status == StatusCode::OK => {
             let set = a.headers.get(http::header::SET_COOKIE)?.to_str().ok()?;
-            Some(set.split(';').next()?.to_string())
+            let cookie = set.split(';').next()?.to_string();
+            let csrf = csrf_token(spec, &cookie).await?;
+            Some(Login { cookie, csrf })
         }
         Ok(a) => {
             events::tab_io_error(
@@ -218,6 +237,29 @@ async fn login(spec: &TabSpec) -> Option<String> {
             events::tab_io_error(&spec.user, spec.tab, "", &e.to_string());
             None
         }
+    }
+}
+
+/// `GET /csrf-token` with the session cookie.
+async fn csrf_token(spec: &TabSpec, cookie: &str) -> Option<String> {
+    let login = Login {
+        cookie: cookie.to_string(),
+        csrf: String::new(),
+    };
+    let failed = |what: String| {
+        events::tab_io_error(&spec.user, spec.tab, "", &what);
+        None
+    };
+    match exchange(spec, "GET", "/csrf-token", Some(&login), None).await {
+        Ok(a) if a.status == StatusCode::OK => {
+            let v: Value = serde_json::from_slice(&a.body).ok()?;
+            match v.get("token").and_then(Value::as_str) {
+                Some(t) => Some(t.to_string()),
+                None => failed("csrf-token answered without a token".into()),
+            }
+        }
+        Ok(a) => failed(format!("csrf-token answered {}", a.status)),
+        Err(e) => failed(e.to_string()),
     }
 }
 
