@@ -19,6 +19,7 @@
 //! ```
 //! A seed fixes everything: the same seed gives the same trace hash.
 
+pub mod bench;
 pub mod events;
 pub mod metrics;
 pub mod net;

@@ -239,7 +239,10 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
     let attempt = mock.count_attempt(&fp);
     let (answer, delay) = mock.decide();
     events::upstream_attempt(&fp, attempt, &user, answer.name());
-    tokio::time::sleep(delay).await;
+    // A zero delay answers at once: even sleep(0) waits for a timer tick.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     match answer {
         Answer::TooMany { retry_after_s } => too_many(retry_after_s),
         Answer::ServerError(code) => openai_error(
