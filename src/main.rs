@@ -333,7 +333,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 let listen = args
                     .listen
                     .unwrap_or_else(|| ServeConfig::default().listen);
-                start_demo(listen, ExitHook::process()).await?
+                start_demo(listen, args.variant, ExitHook::process()).await?
             }
         };
         let addr = running.addr;
