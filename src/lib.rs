@@ -27,6 +27,7 @@ compile_error!(
      if you set RUSTFLAGS yourself, add `--cfg tokio_unstable` to it"
 );
 
+pub mod bench;
 pub mod events;
 pub mod metrics;
 pub mod net;

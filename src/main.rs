@@ -59,6 +59,41 @@ enum Command {
     /// hash, for a `password_hash` in a users file (how the first admin
     /// gets a password).
     HashPassword,
+    /// Measure what the proxy costs on loopback.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Requests per second and p50/p99 latency through the proxy and
+    /// directly against the same mock upstream (no delay, no 429s), in one
+    /// run, plus memory per in-flight request. Every phase is bounded in
+    /// requests and time.
+    Proxy(BenchProxyArgs),
+}
+
+#[derive(Parser)]
+struct BenchProxyArgs {
+    /// Requests per throughput phase (direct, then through the proxy).
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    /// Keep-alive connections sending at once in the throughput phases.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Requests per latency phase (one connection, one request at a time).
+    #[arg(long, default_value_t = 5_000)]
+    latency_requests: u64,
+    /// Time bound of each phase, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    phase_ms_max: u64,
+    /// Requests parked in a never-answering upstream for the memory figure
+    /// (0 skips it; at most 3000).
+    #[arg(long, default_value_t = 1_000)]
+    parked: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 const SERVE_AFTER_HELP: &str = "Examples:\n  \
@@ -204,7 +239,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Classify(args) => classify(args),
         Command::Serve(args) => serve(args),
         Command::HashPassword => hash_password(),
+        Command::Bench(BenchCommand::Proxy(args)) => bench_proxy(args),
     }
+}
+
+fn bench_proxy(args: BenchProxyArgs) -> anyhow::Result<ExitCode> {
+    use tavernsim::bench::{BenchSpec, render_text, run};
+    let spec = BenchSpec {
+        requests: args.requests,
+        concurrency: args.concurrency,
+        latency_requests: args.latency_requests,
+        phase_ms_max: args.phase_ms_max,
+        parked: args.parked,
+    };
+    spec.validate().map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = rt.block_on(run(spec))?;
+    match args.format {
+        Format::Text => outln!("{}", render_text(&report)),
+        Format::Json => outln!("{}", serde_json::to_string(&report)?),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn hash_password() -> anyhow::Result<ExitCode> {
@@ -275,7 +333,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 let listen = args
                     .listen
                     .unwrap_or_else(|| ServeConfig::default().listen);
-                start_demo(listen, ExitHook::process()).await?
+                start_demo(listen, args.variant, ExitHook::process()).await?
             }
         };
         let addr = running.addr;

@@ -273,9 +273,14 @@ pub fn demo_script() -> UpstreamScript {
     }
 }
 
-/// Starts the mock upstream on a loopback port, then the proxy on `listen`
-/// in front of it with the demo user (in memory only).
-pub async fn start_demo(listen: SocketAddr, exit: ExitHook) -> anyhow::Result<Running> {
+/// Starts the mock upstream on a loopback port, then the proxy (`variant`,
+/// `fixed` but for tests) on `listen` in front of it with the demo user (in
+/// memory only).
+pub async fn start_demo(
+    listen: SocketAddr,
+    variant: crate::proxy::Variant,
+    exit: ExitHook,
+) -> anyhow::Result<Running> {
     let mut os = ChaCha20Rng::from_os_rng();
     let mock = MockUpstream::new(demo_script(), os.random());
     let up_listener = Listener::bind(Transport::Tokio, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
@@ -297,6 +302,7 @@ pub async fn start_demo(listen: SocketAddr, exit: ExitHook) -> anyhow::Result<Ru
     let cfg = ServeConfig {
         listen,
         proxy: ProxyConfig {
+            variant,
             upstream_url: upstream_url.clone(),
             // 3 attempts in 10 get a 429: with 8 attempts a request gives
             // up about once in 150000, so pasted commands just work.

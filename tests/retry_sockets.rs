@@ -69,6 +69,18 @@ async fn a_429_then_a_200_reaches_the_client_as_200() {
     );
     assert_eq!(arrivals.lock().unwrap().len(), 2);
     assert!(p.state.table.is_empty());
+    // The retry shows in /metrics (counters are per process and only grow,
+    // so other tests running beside this one cannot make it fail).
+    let m = Http::new(p.addr)
+        .call("GET", "/metrics", &[], "")
+        .await
+        .text();
+    let retries: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("tavernsim_retries_total{reason=\"backoff\",status=\"429\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no backoff retry counter in {m}"));
+    assert!(retries >= 1, "{m}");
 }
 
 #[tokio::test]

@@ -239,7 +239,10 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
     let attempt = mock.count_attempt(&fp);
     let (answer, delay) = mock.decide();
     events::upstream_attempt(&fp, attempt, &user, answer.name());
-    tokio::time::sleep(delay).await;
+    // A zero delay answers at once: even sleep(0) waits for a timer tick.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let (status, hint_ms) = match answer {
         Answer::TooMany { retry_after_s } => (429, retry_after_s.unwrap_or(0) * 1000),
         Answer::ServerError(code) => (code, 0),
