@@ -364,7 +364,12 @@ async fn two_tabs_of_one_user_are_independent() {
         let http = std::sync::Arc::clone(&http);
         tokio::spawn(async move { http.post_as(&s, generate, chat("b", false)).await })
     };
-    eventually("both tabs back off", || in_phase(&p, "backoff") == 2).await;
+    // Tab a's hinted 429 closed the shared gate: tab b waits at it (or, once
+    // it got its own 429, in backoff).
+    eventually("both tabs wait", || {
+        in_phase(&p, "backoff") + in_phase(&p, "gate-wait") == 2
+    })
+    .await;
     drop(tab_a);
     let b = tab_b.await.unwrap();
     assert_eq!(

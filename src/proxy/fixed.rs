@@ -110,8 +110,11 @@ pub async fn run(job: Job) -> Response {
             r = tokio::time::timeout_at(attempt_deadline, state.upstream.send(body.clone(), user_key.as_deref())) => r,
         };
         let answer = match sent {
-            Err(_elapsed) => Answer::none("the upstream did not answer in time"),
-            Ok(Err(e)) => Answer::none(&e.to_string()),
+            Err(_elapsed) => Answer::none(&format!(
+                "no answer from the upstream within {} ms",
+                policy.attempt_timeout_ms
+            )),
+            Ok(Err(e)) => Answer::none(&format!("no answer from the upstream: {e}")),
             Ok(Ok(resp)) if resp.status().is_success() && stream => {
                 events::attempt_end(key.id(), attempt, resp.status().as_u16(), "success", 0);
                 return deliver_stream(&cx, guard, permit, resp);
