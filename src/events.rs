@@ -131,6 +131,11 @@ pub fn tab_recv(user: &str, tab: u32, fp: &str, got: &str, status: u16, error: b
     ev!("tab.recv", user, tab, fp, got, status, error);
 }
 
+/// A tab gave up waiting for an answer (its request timeout passed).
+pub fn tab_timeout(user: &str, tab: u32, fp: &str) {
+    ev!("tab.timeout", user, tab, fp);
+}
+
 /// A tab's request failed at the transport (connection refused or reset).
 pub fn tab_io_error(user: &str, tab: u32, fp: &str, error: &str) {
     ev!("tab.io_error", user, tab, fp, error);

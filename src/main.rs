@@ -121,8 +121,10 @@ struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
     /// Use URL as the upstream API root instead of the config's
-    /// proxy.upstream_url, e.g. http://127.0.0.1:9000/v1.
-    #[arg(long, value_name = "URL", conflicts_with = "demo")]
+    /// proxy.upstream_url (in demo mode: instead of the embedded mock), e.g.
+    /// http://127.0.0.1:9000/v1 where `tavernsim probe` or
+    /// `tavernsim mock-upstream` listens.
+    #[arg(long, value_name = "URL")]
     upstream: Option<String>,
     /// For testing only: serve a defective SillyTavern variant
     /// (sillytavern-1.12.6, sillytavern-1.12.7) instead of the fixed proxy.
@@ -333,7 +335,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 let listen = args
                     .listen
                     .unwrap_or_else(|| ServeConfig::default().listen);
-                start_demo(listen, args.variant, ExitHook::process()).await?
+                start_demo(listen, args.variant, args.upstream.clone(), ExitHook::process()).await?
             }
         };
         let addr = running.addr;

@@ -276,23 +276,33 @@ pub fn demo_script() -> UpstreamScript {
 /// Starts the mock upstream on a loopback port, then the proxy (`variant`,
 /// `fixed` but for tests) on `listen` in front of it with the demo user (in
 /// memory only).
+///
+/// With `upstream_url`, no mock is started: the demo proxy forwards there
+/// (for example to `tavernsim probe`'s mock).
 pub async fn start_demo(
     listen: SocketAddr,
     variant: crate::proxy::Variant,
+    upstream_url: Option<String>,
     exit: ExitHook,
 ) -> anyhow::Result<Running> {
     let mut os = ChaCha20Rng::from_os_rng();
-    let mock = MockUpstream::new(demo_script(), os.random());
-    let up_listener = Listener::bind(Transport::Tokio, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .await
-        .context("cannot bind a loopback port for the demo's mock upstream")?;
-    let up_addr = up_listener.local_addr()?;
-    let up_task = tokio::spawn(serve(
-        up_listener,
-        upstream::app(mock),
-        ServeLimits::default(),
-    ));
-    let upstream_url = format!("http://{up_addr}/v1");
+    let (upstream_url, up_task) = match upstream_url {
+        Some(url) => (url, None),
+        None => {
+            let mock = MockUpstream::new(demo_script(), os.random());
+            let up_listener =
+                Listener::bind(Transport::Tokio, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                    .await
+                    .context("cannot bind a loopback port for the demo's mock upstream")?;
+            let up_addr = up_listener.local_addr()?;
+            let task = tokio::spawn(serve(
+                up_listener,
+                upstream::app(mock),
+                ServeLimits::default(),
+            ));
+            (format!("http://{up_addr}/v1"), Some(task))
+        }
+    };
     let mut demo = User::new(DEMO_USER);
     demo.admin = true;
     demo.password_hash = hash_password(DEMO_PASSWORD, &os.random(), HashCost::Standard)?;
@@ -324,7 +334,7 @@ pub async fn start_demo(
     )
     .await?;
     running.upstream_url = Some(upstream_url);
-    running._upstream_task = Some(up_task);
+    running._upstream_task = up_task;
     Ok(running)
 }
 

@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 use super::scenario::Scenario;
 use crate::events;
 use crate::net::{Stream, Transport};
-use crate::upstream::{fingerprint, fingerprint_in};
+use crate::proxy::Dialect;
+use crate::upstream::{MockNote, fingerprint, fingerprint_in};
 
 /// Largest answer a tab reads.
 const ANSWER_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -35,9 +36,49 @@ pub struct TabSpec {
     pub proxy_host: String,
     pub proxy_port: u16,
     pub user: String,
+    /// SillyTavern: cookie session (password may be empty for a
+    /// single-user server); OpenAI: `bearer`.
+    pub dialect: Dialect,
     pub password: String,
+    pub bearer: Option<String>,
     pub tab: u32,
     pub seed: u64,
+    /// The upstream the generation names (SillyTavern's `custom_url`).
+    pub upstream_url: String,
+    /// Generations to send (default: the scenario's `generations_per_tab`).
+    pub generations: Option<u32>,
+    /// No new generation starts after this.
+    pub stop_at: Option<tokio::time::Instant>,
+    /// The mock's notes, for refreshes aimed at "just after a 429".
+    pub notes: Option<tokio::sync::broadcast::Sender<MockNote>>,
+}
+
+impl TabSpec {
+    /// A tab of the simulation: SillyTavern's route, password login.
+    pub fn simulated(
+        proxy: (&str, u16),
+        user: String,
+        password: String,
+        tab: u32,
+        seed: u64,
+        upstream_url: String,
+    ) -> Self {
+        Self {
+            transport: Transport::Turmoil,
+            proxy_host: proxy.0.to_string(),
+            proxy_port: proxy.1,
+            user,
+            dialect: Dialect::SillyTavern,
+            password,
+            bearer: None,
+            tab,
+            seed,
+            upstream_url,
+            generations: None,
+            stop_at: None,
+            notes: None,
+        }
+    }
 }
 
 /// Aborts a connection's driver task when dropped: the tab's socket closes.
@@ -78,10 +119,42 @@ async fn connect(
     Err(last.unwrap_or_else(|| std::io::Error::other("connect failed")))
 }
 
-/// A logged-in tab's credentials: the session cookie and the CSRF token.
+/// A logged-in tab's credentials: the session cookies and the CSRF token,
+/// or a bearer token.
+#[derive(Default)]
 struct Login {
     cookie: String,
     csrf: String,
+    bearer: Option<String>,
+}
+
+impl Login {
+    /// Keeps every cookie a `Set-Cookie` header sets (a real SillyTavern
+    /// sets a session and a signature cookie).
+    fn absorb_cookies(&mut self, headers: &http::HeaderMap) {
+        let mut jar: std::collections::BTreeMap<String, String> = self
+            .cookie
+            .split("; ")
+            .filter_map(|c| {
+                c.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        for set in headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            if let Some((k, v)) = set.split(';').next().and_then(|kv| kv.split_once('=')) {
+                jar.insert(k.trim().to_string(), v.trim().to_string());
+            }
+        }
+        self.cookie = jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
 }
 
 /// One request on a fresh connection (a page load or a fetch).
@@ -98,7 +171,12 @@ async fn exchange(
         .uri(path)
         .header(http::header::HOST, spec.proxy_host.as_str());
     if let Some(l) = login {
-        req = req.header(http::header::COOKIE, l.cookie.as_str());
+        if let Some(token) = &l.bearer {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if !l.cookie.is_empty() {
+            req = req.header(http::header::COOKIE, l.cookie.as_str());
+        }
         if !l.csrf.is_empty() {
             req = req.header(crate::proxy::CSRF_HEADER, l.csrf.as_str());
         }
@@ -133,14 +211,62 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     // Let the servers bind before the first page load.
     tokio::time::sleep(Duration::from_millis(rng.random_range(10..=200))).await;
-    let Some(mut session) = login(&spec).await else {
+    let Some(mut session) = sign_in(&spec).await else {
         return Ok(());
     };
     let mut resend = false;
-    for g in 0..sc.generations_per_tab {
+    for g in 0..spec.generations.unwrap_or(sc.generations_per_tab) {
+        if spec
+            .stop_at
+            .is_some_and(|t| tokio::time::Instant::now() >= t)
+        {
+            break;
+        }
         if !resend {
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..=sc.think_ms_max))).await;
         }
+        let plan = Plan::draw(&spec, &sc, &mut rng, g);
+        resend = false;
+        match send(&spec, &sc, &session, &plan).await {
+            Sent::Answered(Ok(answer)) => judge_answer(&spec, &plan.fp, plan.stream, &answer),
+            Sent::Answered(Err(e)) => {
+                events::tab_io_error(&spec.user, spec.tab, &plan.fp, &e.to_string());
+                return Ok(());
+            }
+            Sent::TimedOut => events::tab_timeout(&spec.user, spec.tab, &plan.fp),
+            Sent::Refreshed => {
+                // The select dropped the request future: the connection is gone.
+                events::tab_abandon(&spec.user, spec.tab, &plan.fp);
+                let load = rng.random_range(sc.page_load_ms_min..=sc.page_load_ms_max);
+                tokio::time::sleep(Duration::from_millis(load)).await;
+                if !reload(&spec, &mut session).await {
+                    return Ok(());
+                }
+                resend = rng.random_bool(sc.p_resend);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One generation: what it says and how the tab will treat it.
+struct Plan {
+    fp: String,
+    stream: bool,
+    body: Value,
+    refresh: Refresh,
+}
+
+enum Refresh {
+    Never,
+    /// Drop the connection this long after sending.
+    After(u64),
+    /// Drop it just after the mock answered this request with a 429.
+    After429,
+}
+
+impl Plan {
+    fn draw(spec: &TabSpec, sc: &Scenario, rng: &mut ChaCha8Rng, g: u32) -> Self {
         let content = format!(
             "{} tab {} generation {} nonce {:016x}",
             spec.user,
@@ -151,58 +277,101 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
         let messages = json!([{"role": "user", "content": content}]);
         let fp = fingerprint(&messages);
         let stream = rng.random_bool(sc.p_stream);
-        let refresh_at = rng
-            .random_bool(sc.p_refresh)
-            .then(|| log_uniform_ms(&mut rng, sc.refresh_after_ms_max));
-        let body = json!({"messages": messages, "model": "mock-1", "stream": stream,
-            "chat_completion_source": "custom", "custom_url": "http://upstream:9000/v1"});
-        events::tab_send(&spec.user, spec.tab, &fp, stream);
-        let request = exchange(
-            &spec,
-            "POST",
-            "/api/backends/chat-completions/generate",
-            Some(&session),
-            Some(body),
-        );
-        let limit = refresh_at
-            .unwrap_or(sc.request_timeout_ms)
-            .min(sc.request_timeout_ms);
-        let outcome = tokio::select! {
-            biased;
-            r = request => Some(r),
-            _ = tokio::time::sleep(Duration::from_millis(limit)) => None,
+        let refresh = if !rng.random_bool(sc.p_refresh) {
+            Refresh::Never
+        } else if spec.notes.is_some() && rng.random_bool(sc.p_aim_after_429) {
+            Refresh::After429
+        } else {
+            Refresh::After(log_uniform_ms(rng, sc.refresh_after_ms_max))
         };
-        resend = false;
-        match outcome {
-            Some(Ok(answer)) => judge_answer(&spec, &fp, stream, &answer),
-            Some(Err(e)) => {
-                events::tab_io_error(&spec.user, spec.tab, &fp, &e.to_string());
-                return Ok(());
+        let body = match spec.dialect {
+            Dialect::SillyTavern => {
+                json!({"messages": messages, "model": "mock-1", "stream": stream,
+                "chat_completion_source": "custom", "custom_url": spec.upstream_url})
             }
-            None => {
-                // The select dropped the request future: the connection is gone.
-                events::tab_abandon(&spec.user, spec.tab, &fp);
-                tokio::time::sleep(Duration::from_millis(
-                    rng.random_range(sc.page_load_ms_min..=sc.page_load_ms_max),
-                ))
-                .await;
-                match exchange(&spec, "GET", "/api/users/me", Some(&session), None).await {
-                    Ok(a) => events::tab_reload(&spec.user, spec.tab, a.status.as_u16()),
-                    Err(e) => {
-                        events::tab_io_error(&spec.user, spec.tab, "", &e.to_string());
-                        return Ok(());
-                    }
-                }
-                // The reloaded page fetches its CSRF token again.
-                match csrf_token(&spec, &session.cookie).await {
-                    Some(token) => session.csrf = token,
-                    None => return Ok(()),
-                }
-                resend = rng.random_bool(sc.p_resend);
-            }
+            Dialect::OpenAi => json!({"messages": messages, "model": "mock-1", "stream": stream}),
+        };
+        Self {
+            fp,
+            stream,
+            body,
+            refresh,
         }
     }
-    Ok(())
+}
+
+enum Sent {
+    Answered(std::io::Result<Answer>),
+    Refreshed,
+    TimedOut,
+}
+
+/// Sends a generation and waits for its answer, a refresh, or the timeout.
+async fn send(spec: &TabSpec, sc: &Scenario, session: &Login, plan: &Plan) -> Sent {
+    let notes = spec.notes.as_ref().map(|n| n.subscribe());
+    events::tab_send(&spec.user, spec.tab, &plan.fp, plan.stream);
+    let path = match spec.dialect {
+        Dialect::SillyTavern => "/api/backends/chat-completions/generate",
+        Dialect::OpenAi => "/v1/chat/completions",
+    };
+    let request = exchange(spec, "POST", path, Some(session), Some(plan.body.clone()));
+    tokio::select! {
+        biased;
+        r = request => Sent::Answered(r),
+        _ = refresh_moment(&plan.refresh, &plan.fp, notes) => Sent::Refreshed,
+        _ = tokio::time::sleep(Duration::from_millis(sc.request_timeout_ms)) => Sent::TimedOut,
+    }
+}
+
+/// Resolves when the planned refresh should happen; never without one.
+async fn refresh_moment(
+    refresh: &Refresh,
+    fp: &str,
+    notes: Option<tokio::sync::broadcast::Receiver<MockNote>>,
+) {
+    match (refresh, notes) {
+        (Refresh::After(ms), _) => tokio::time::sleep(Duration::from_millis(*ms)).await,
+        (Refresh::After429, Some(mut rx)) => loop {
+            match rx.recv().await {
+                Ok(n) if n.fp == fp && n.status == 429 => {
+                    // Just after the answer left the mock: the proxy is
+                    // about to arm (or has armed) its backoff.
+                    tokio::time::sleep(Duration::from_millis(AIM_DELAY_MS)).await;
+                    return;
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return std::future::pending().await;
+                }
+            }
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+/// How long after the mock's 429 an aimed refresh drops the connection.
+const AIM_DELAY_MS: u64 = 20;
+
+/// A page reload after a refresh: re-reads the session (SillyTavern's page
+/// fetches its CSRF token again); false when the proxy is gone.
+async fn reload(spec: &TabSpec, session: &mut Login) -> bool {
+    if spec.dialect == Dialect::OpenAi {
+        return true;
+    }
+    match exchange(spec, "GET", "/csrf-token", Some(session), None).await {
+        Ok(a) => {
+            events::tab_reload(&spec.user, spec.tab, a.status.as_u16());
+            session.absorb_cookies(&a.headers);
+            if let Some(t) = token_of(&a) {
+                session.csrf = t;
+            }
+            true
+        }
+        Err(e) => {
+            events::tab_io_error(&spec.user, spec.tab, "", &e.to_string());
+            false
+        }
+    }
 }
 
 /// A delay between 10 ms and `max_ms`, uniform in its logarithm: refreshes
@@ -215,52 +384,49 @@ fn log_uniform_ms(rng: &mut ChaCha8Rng, max_ms: u64) -> u64 {
 }
 
 /// Logs in, then fetches the session's CSRF token.
-async fn login(spec: &TabSpec) -> Option<Login> {
-    let body = json!({"handle": spec.user, "password": spec.password});
-    match exchange(spec, "POST", "/api/users/login", None, Some(body)).await {
+/// Signs in as a browser does for the dialect: a bearer token as is; for
+/// SillyTavern, the CSRF token (fetched before login too, as SillyTavern's
+/// login page does), the login, then the session's CSRF token.
+async fn sign_in(spec: &TabSpec) -> Option<Login> {
+    let mut login = Login {
+        bearer: spec.bearer.clone(),
+        ..Login::default()
+    };
+    if spec.dialect == Dialect::OpenAi {
+        return Some(login);
+    }
+    if let Ok(a) = exchange(spec, "GET", "/csrf-token", Some(&login), None).await {
+        login.absorb_cookies(&a.headers);
+        login.csrf = token_of(&a).unwrap_or_default();
+    }
+    if !spec.user.is_empty() {
+        let body = json!({"handle": spec.user, "password": spec.password});
+        match exchange(spec, "POST", "/api/users/login", Some(&login), Some(body)).await {
+            Ok(a) if a.status == StatusCode::OK => login.absorb_cookies(&a.headers),
+            Ok(a) => return failed(spec, format!("login answered {}", a.status)),
+            Err(e) => return failed(spec, e.to_string()),
+        }
+    }
+    match exchange(spec, "GET", "/csrf-token", Some(&login), None).await {
         Ok(a) if a.status == StatusCode::OK => {
-            let set = a.headers.get(http::header::SET_COOKIE)?.to_str().ok()?;
-            let cookie = set.split(';').next()?.to_string();
-            let csrf = csrf_token(spec, &cookie).await?;
-            Some(Login { cookie, csrf })
+            login.absorb_cookies(&a.headers);
+            login.csrf = token_of(&a)
+                .or_else(|| failed(spec, "csrf-token answered without a token".into()))?;
+            Some(login)
         }
-        Ok(a) => {
-            events::tab_io_error(
-                &spec.user,
-                spec.tab,
-                "",
-                &format!("login answered {}", a.status),
-            );
-            None
-        }
-        Err(e) => {
-            events::tab_io_error(&spec.user, spec.tab, "", &e.to_string());
-            None
-        }
+        Ok(a) => failed(spec, format!("csrf-token answered {}", a.status)),
+        Err(e) => failed(spec, e.to_string()),
     }
 }
 
-/// `GET /csrf-token` with the session cookie.
-async fn csrf_token(spec: &TabSpec, cookie: &str) -> Option<String> {
-    let login = Login {
-        cookie: cookie.to_string(),
-        csrf: String::new(),
-    };
-    let failed = |what: String| {
-        events::tab_io_error(&spec.user, spec.tab, "", &what);
-        None
-    };
-    match exchange(spec, "GET", "/csrf-token", Some(&login), None).await {
-        Ok(a) if a.status == StatusCode::OK => {
-            let v: Value = serde_json::from_slice(&a.body).ok()?;
-            match v.get("token").and_then(Value::as_str) {
-                Some(t) => Some(t.to_string()),
-                None => failed("csrf-token answered without a token".into()),
-            }
-        }
-        Ok(a) => failed(format!("csrf-token answered {}", a.status)),
-        Err(e) => failed(e.to_string()),
-    }
+fn failed<T>(spec: &TabSpec, what: String) -> Option<T> {
+    events::tab_io_error(&spec.user, spec.tab, "", &what);
+    None
+}
+
+fn token_of(a: &Answer) -> Option<String> {
+    let v: Value = serde_json::from_slice(&a.body).ok()?;
+    v.get("token").and_then(Value::as_str).map(str::to_string)
 }
 
 /// Reports what the tab got: the fingerprint its answer carries, if any.

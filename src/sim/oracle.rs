@@ -20,6 +20,7 @@ pub const INVARIANTS: &[&str] = &[
     "retry-after-violated",
     "gate-violated",
     "starvation",
+    "liveness",
 ];
 
 /// One broken invariant.
@@ -188,6 +189,10 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
         "tab.send" => {
             w.owner
                 .insert(e.str("fp").to_string(), e.str("user").to_string());
+        }
+        "tab.timeout" => {
+            let (user, fp) = (e.str("user").to_string(), e.str("fp").to_string());
+            w.report("liveness", t, || format!("tab {} of {user} got no answer to generation {fp} before its request timeout (at {})", e.u64("tab"), secs(t)));
         }
         "tab.abandon" => {
             w.abandoned_at.entry(e.str("fp").to_string()).or_insert(t);

@@ -51,6 +51,9 @@ pub struct Scenario {
     pub p_stream: f64,
     pub p_refresh: f64,
     pub refresh_after_ms_max: u64,
+    /// Share of refreshes aimed at the moment just after the mock answered
+    /// the request with a 429 (the backoff), instead of a random time.
+    pub p_aim_after_429: f64,
     pub page_load_ms_min: u64,
     pub page_load_ms_max: u64,
     pub p_resend: f64,
@@ -111,6 +114,7 @@ impl Default for Scenario {
             p_stream: 0.2,
             p_refresh: 0.3,
             refresh_after_ms_max: 10_000,
+            p_aim_after_429: 0.0,
             page_load_ms_min: 200,
             page_load_ms_max: 2_000,
             p_resend: 0.5,
@@ -205,6 +209,7 @@ impl Scenario {
             ("p_stream", self.p_stream),
             ("p_refresh", self.p_refresh),
             ("p_resend", self.p_resend),
+            ("p_aim_after_429", self.p_aim_after_429),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(format!(

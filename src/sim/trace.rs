@@ -71,6 +71,8 @@ pub struct Recorder {
     inner: Arc<Mutex<Inner>>,
     /// Events kept at the most; a world past it is cut short (see `overflowed`).
     events_max: usize,
+    /// Outside a simulation (the probe): events are timed from this instant.
+    real_start: Option<std::time::Instant>,
 }
 
 impl Recorder {
@@ -78,6 +80,16 @@ impl Recorder {
         Self {
             inner: Arc::default(),
             events_max,
+            real_start: None,
+        }
+    }
+
+    /// A recorder for real sockets: events are timed by the real clock from
+    /// now (the probe; nothing here is deterministic).
+    pub fn real_time(events_max: usize) -> Self {
+        Self {
+            real_start: Some(std::time::Instant::now()),
+            ..Self::new(events_max)
         }
     }
 
@@ -225,7 +237,9 @@ where
                     .find_map(|s| s.extensions().get::<NodeName>().map(|n| n.0.clone()))
             })
             .unwrap_or_default();
-        let t_us = turmoil::sim_elapsed().map(|d| d.as_micros() as u64);
+        let t_us = turmoil::sim_elapsed()
+            .or_else(|| self.recorder.real_start.map(|s| s.elapsed()))
+            .map(|d| d.as_micros() as u64);
         self.recorder.push(Event {
             t_us: t_us.unwrap_or(u64::MAX),
             host,

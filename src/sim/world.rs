@@ -159,8 +159,12 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
 
     let script = sc.upstream.clone();
     let upstream_seed = derive_seed(spec.seed, SALT_UPSTREAM);
+    // The mock's notes reach the tabs directly (not over the simulated
+    // network): a harness side channel for aiming refreshes.
+    let notes = MockUpstream::notes_channel();
+    let mock_notes = notes.clone();
     sim.host(UPSTREAM_HOST, move || {
-        let mock = MockUpstream::new(script.clone(), upstream_seed);
+        let mock = MockUpstream::with_notes(script.clone(), upstream_seed, mock_notes.clone());
         async move {
             let listener = Listener::bind(
                 Transport::Turmoil,
@@ -225,17 +229,18 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
     for u in 0..sc.users {
         let sc = Arc::clone(&sc);
         let seed = spec.seed;
+        let notes = notes.clone();
         sim.client(format!("tabs-{}", user_handle(u)), async move {
             let tabs = (0..sc.tabs_of(u)).map(|t| {
-                let spec = TabSpec {
-                    transport: Transport::Turmoil,
-                    proxy_host: PROXY_HOST.into(),
-                    proxy_port: PROXY_PORT,
-                    user: user_handle(u),
-                    password: user_password(u),
-                    tab: t,
-                    seed: derive_seed(seed, SALT_TAB ^ ((u as u64) << 16) ^ t as u64),
-                };
+                let mut spec = TabSpec::simulated(
+                    (PROXY_HOST, PROXY_PORT),
+                    user_handle(u),
+                    user_password(u),
+                    t,
+                    derive_seed(seed, SALT_TAB ^ ((u as u64) << 16) ^ t as u64),
+                    format!("http://{UPSTREAM_HOST}:{UPSTREAM_PORT}/v1"),
+                );
+                spec.notes = Some(notes.clone());
                 let sc = Arc::clone(&sc);
                 tokio::spawn(async move { run_tab(spec, sc).await.map_err(|e| e.to_string()) })
             });

@@ -128,11 +128,25 @@ impl Answer {
     }
 }
 
+/// What the mock tells whoever listens (a tab aiming its refresh), as it
+/// happens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MockNote {
+    pub fp: String,
+    pub attempt: u32,
+    /// 0: the attempt arrived; else the status the mock answered with.
+    pub status: u16,
+}
+
+/// Notes kept for slow listeners; older ones are dropped for them.
+const NOTES_CAPACITY: usize = 1024;
+
 /// The mock's state: script, generator, attempt counts.
 pub struct MockUpstream {
     script: UpstreamScript,
     rng: Mutex<ChaCha8Rng>,
     attempts: Mutex<BTreeMap<String, u32>>,
+    notes: tokio::sync::broadcast::Sender<MockNote>,
 }
 
 impl MockUpstream {
@@ -141,7 +155,42 @@ impl MockUpstream {
             script,
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             attempts: Mutex::new(BTreeMap::new()),
+            notes: tokio::sync::broadcast::channel(NOTES_CAPACITY).0,
         })
+    }
+
+    /// A mock that tells `notes` about every attempt (shared with tabs that
+    /// aim their refreshes).
+    pub fn with_notes(
+        script: UpstreamScript,
+        seed: u64,
+        notes: tokio::sync::broadcast::Sender<MockNote>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            script,
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+            attempts: Mutex::new(BTreeMap::new()),
+            notes,
+        })
+    }
+
+    /// A channel for [`MockUpstream::with_notes`].
+    pub fn notes_channel() -> tokio::sync::broadcast::Sender<MockNote> {
+        tokio::sync::broadcast::channel(NOTES_CAPACITY).0
+    }
+
+    /// Hears about every attempt as it arrives and as it is answered.
+    pub fn listen(&self) -> tokio::sync::broadcast::Receiver<MockNote> {
+        self.notes.subscribe()
+    }
+
+    fn note(&self, fp: &str, attempt: u32, status: u16) {
+        // Nobody listening is fine.
+        let _ = self.notes.send(MockNote {
+            fp: fp.to_string(),
+            attempt,
+            status,
+        });
     }
 
     /// Draws the answer and the delay for the next attempt.
@@ -239,6 +288,7 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
     let attempt = mock.count_attempt(&fp);
     let (answer, delay) = mock.decide();
     events::upstream_attempt(&fp, attempt, &user, answer.name());
+    mock.note(&fp, attempt, 0);
     // A zero delay answers at once: even sleep(0) waits for a timer tick.
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -249,6 +299,7 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
         Answer::Complete => (200, 0),
     };
     events::upstream_answer(&fp, attempt, status, hint_ms);
+    mock.note(&fp, attempt, status);
     match answer {
         Answer::TooMany { retry_after_s } => too_many(retry_after_s),
         Answer::ServerError(code) => openai_error(
