@@ -31,6 +31,7 @@ pub mod bench;
 pub mod events;
 pub mod metrics;
 pub mod net;
+pub mod probe;
 pub mod proxy;
 pub mod serve;
 pub mod sim;

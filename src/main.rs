@@ -50,6 +50,14 @@ enum Command {
     /// case of a fixtures file), as JSON:
     /// {"decision":"retry"|"backoff"|"give-up"|"success","wait_ms":N|null,"reason":"..."}
     Classify(ClassifyArgs),
+    /// Drive any running proxy like refreshing browsers, over real sockets,
+    /// with the mock upstream in this process; judge what is visible from
+    /// outside. Exit status as for fuzz.
+    #[command(after_help = PROBE_AFTER_HELP)]
+    Probe(ProbeArgs),
+    /// Serve the mock upstream on real sockets (the same scripts as in the
+    /// simulation), logging every attempt.
+    MockUpstream(MockUpstreamArgs),
     /// Run the multi-user proxy on real sockets: from a TOML config file,
     /// or `--demo` with a mock upstream in-process. Logs go to stderr
     /// (RUST_LOG honoured, default "info,tavernsim::ev=warn").
@@ -130,6 +138,89 @@ struct ServeArgs {
     /// (sillytavern-1.12.6, sillytavern-1.12.7) instead of the fixed proxy.
     #[arg(long, default_value = "fixed", value_parser = parse_variant)]
     variant: Variant,
+}
+
+const PROBE_AFTER_HELP: &str = "Examples:\n  \
+tavernsim serve --demo --variant sillytavern-1.12.7 --upstream http://127.0.0.1:9000/v1   # in one terminal\n  \
+tavernsim probe --target http://127.0.0.1:8000 --dialect openai --bearer demo-token       # in another\n\
+Point the target's upstream (SillyTavern: the custom source's URL, which the probe sends itself;\n\
+LiteLLM: api_base) at --upstream-listen. A seed fixes the schedule, not the timing.";
+
+#[derive(Parser)]
+struct ProbeArgs {
+    /// The proxy to probe, e.g. http://127.0.0.1:8000.
+    #[arg(long, value_name = "URL")]
+    target: String,
+    /// How to talk to it: openai (bearer token, /v1/chat/completions) or
+    /// sillytavern (CSRF token, login, cookie session, its generate route).
+    #[arg(long, value_enum)]
+    dialect: DialectArg,
+    /// A bearer token a client of the target uses; repeatable (tabs take
+    /// them in turn).
+    #[arg(long = "bearer", value_name = "TOKEN")]
+    bearers: Vec<String>,
+    /// A user to sign in as (sillytavern); repeatable. Without any, tabs
+    /// do not log in (a single-user SillyTavern).
+    #[arg(long = "user", value_name = "HANDLE[:PASSWORD]")]
+    users: Vec<String>,
+    /// Where the mock upstream listens; the target must forward there.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
+    upstream_listen: std::net::SocketAddr,
+    /// The scenario whose browser behaviour and mock script to use.
+    #[arg(long, value_name = "NAME|FILE", default_value = "refresh-during-retry")]
+    scenario: String,
+    /// Generations to send at the most (1..=10000).
+    #[arg(long, default_value_t = 60)]
+    requests: u64,
+    /// Stop starting generations after this long (e.g. 60s, 2m; at most 1h).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_arg)]
+    time: std::time::Duration,
+    /// Seed of the schedule.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tabs at once (1..=64).
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    /// The target's process id: a vanished process counts as a crash.
+    #[arg(long, value_name = "PID")]
+    target_pid: Option<u32>,
+    /// An upstream attempt more than this after its client left is
+    /// attempt-after-cancel.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration_arg)]
+    grace: std::time::Duration,
+    /// After the last tab, watch the mock this long for attempts nobody
+    /// waits for (leak) and for the target going down.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration_arg)]
+    settle: std::time::Duration,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Write report.json and trace.jsonl under DIR.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DialectArg {
+    Openai,
+    Sillytavern,
+}
+
+#[derive(Parser)]
+struct MockUpstreamArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
+    listen: std::net::SocketAddr,
+    /// The scenario whose upstream script to answer with.
+    #[arg(long, value_name = "NAME|FILE", default_value = "refresh-during-retry")]
+    scenario: String,
+    /// Seed of the script's draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    tavernsim::probe::parse_duration(s)
 }
 
 #[derive(Parser)]
@@ -239,6 +330,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fuzz(args) => fuzz(args),
         Command::Replay(args) => replay(args),
         Command::Classify(args) => classify(args),
+        Command::Probe(args) => probe(args),
+        Command::MockUpstream(args) => mock_upstream(args),
         Command::Serve(args) => serve(args),
         Command::HashPassword => hash_password(),
         Command::Bench(BenchCommand::Proxy(args)) => bench_proxy(args),
@@ -600,4 +693,104 @@ mod tests {
             Cli::command().debug_assert();
         }
     }
+}
+
+fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
+    use tavernsim::probe::{Credential, ProbeSpec, run, write_artifacts};
+    use tavernsim::proxy::Dialect;
+    let scenario = Scenario::load(&args.scenario).map_err(anyhow::Error::msg)?;
+    let mut credentials: Vec<Credential> = args
+        .bearers
+        .iter()
+        .map(|b| Credential::Bearer(b.clone()))
+        .collect();
+    for u in &args.users {
+        let (handle, password) = u.split_once(':').unwrap_or((u.as_str(), ""));
+        credentials.push(Credential::User {
+            handle: handle.to_string(),
+            password: password.to_string(),
+        });
+    }
+    let spec = ProbeSpec {
+        target: args.target.clone(),
+        dialect: match args.dialect {
+            DialectArg::Openai => Dialect::OpenAi,
+            DialectArg::Sillytavern => Dialect::SillyTavern,
+        },
+        credentials,
+        upstream_listen: args.upstream_listen,
+        scenario: Arc::new(scenario),
+        scenario_origin: args.scenario.clone(),
+        requests: args.requests,
+        time: args.time,
+        seed: args.seed,
+        concurrency: args.concurrency,
+        target_pid: args.target_pid,
+        grace: args.grace,
+        settle: args.settle,
+    };
+    if matches!(args.format, Format::Text) {
+        eprintln!(
+            "probing {} ({} tabs, at most {} generations in {:?}, mock upstream on {}) ...",
+            args.target, args.concurrency, args.requests, args.time, args.upstream_listen
+        );
+    }
+    let report = run(&spec)?;
+    if let Some(dir) = &args.out {
+        write_artifacts(&report, dir)?;
+    }
+    match args.format {
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => {
+            outln!(
+                "target {} ({}): {} generations, {} refreshes, {} upstream attempts in {:.1}s (real time; {})",
+                report.target,
+                report.dialect,
+                report.requests_sent,
+                report.refreshes,
+                report.upstream_attempts,
+                report.wall_seconds,
+                report.note
+            );
+            if report.violations.is_empty() {
+                outln!("clean: nothing visible from outside broke");
+            }
+            for v in &report.violations {
+                outln!("\n{} at {:.3}s\n  {}", v.invariant, v.at_seconds, v.message);
+            }
+            outln!(
+                "\nrerun: the same schedule is --seed {} --scenario {}",
+                report.schedule.seed,
+                report.schedule.scenario
+            );
+        }
+    }
+    Ok(if report.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn mock_upstream(args: MockUpstreamArgs) -> anyhow::Result<ExitCode> {
+    use tavernsim::net::{Listener, ServeLimits, Transport, serve};
+    use tavernsim::upstream::{self, MockUpstream};
+    let scenario = Scenario::load(&args.scenario).map_err(anyhow::Error::msg)?;
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let listener = Listener::bind(Transport::Tokio, args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}; pick another --listen", args.listen))?;
+        let addr = listener.local_addr()?;
+        outln!("tavernsim mock-upstream: http://{addr}/v1 (scenario {}, seed {}); every attempt is logged", args.scenario, args.seed);
+        let app = upstream::app(MockUpstream::new(scenario.upstream.clone(), args.seed));
+        tokio::select! {
+            r = serve(listener, app, ServeLimits::default()) => r.map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => Ok(ExitCode::SUCCESS),
+        }
+    })
 }

@@ -46,6 +46,9 @@ pub struct Ending {
     /// The harness stopped the world early (its own failure): the end
     /// state says nothing about the proxy.
     pub cut_short: bool,
+    /// Judged from outside (the probe): no proxy events exist, so a hinted
+    /// 429 binds from the moment the mock sent it.
+    pub outside: bool,
 }
 
 /// How long after a cause an effect may still arrive, in microseconds.
@@ -87,6 +90,8 @@ struct Walk {
     stopped_keys: BTreeSet<u64>,
     /// fingerprint -> user who sent it.
     owner: BTreeMap<String, String>,
+    /// fingerprint -> user, for requests whose tab still waits for an end.
+    waiting: BTreeMap<String, String>,
     /// fingerprint -> end of the wait its last 429 hinted (as the mock sent it).
     hint_sent: BTreeMap<String, u64>,
     /// fingerprint -> (when the proxy read its hinted 429, end of the wait).
@@ -128,7 +133,7 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
     let mut w = Walk::default();
     for e in events {
         step(&mut w, e, grace);
-        step_rates(&mut w, e, grace.client_gone_us);
+        step_rates(&mut w, e, grace.client_gone_us, ending.outside);
     }
     let t_end = events.last().map(|e| e.t_us).unwrap_or(0);
     if !ending.crashed && !ending.cut_short {
@@ -142,6 +147,12 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
 }
 
 fn step(w: &mut Walk, e: &Event, grace: &Grace) {
+    if matches!(
+        e.kind.as_str(),
+        "tab.recv" | "tab.abandon" | "tab.io_error" | "tab.timeout"
+    ) {
+        w.waiting.remove(e.str("fp"));
+    }
     let t = e.t_us;
     match e.kind.as_str() {
         "req.admit" => {
@@ -187,6 +198,8 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
             }
         }
         "tab.send" => {
+            w.waiting
+                .insert(e.str("fp").to_string(), e.str("user").to_string());
             w.owner
                 .insert(e.str("fp").to_string(), e.str("user").to_string());
         }
@@ -248,21 +261,40 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
         }
         "world.proxy_crash" if !w.found.contains_key("proxy-crash") => {
             let reason = e.str("reason").to_string();
-            w.report("proxy-crash", t, || {
-                format!("the proxy host went down at {}: {reason}", secs(t))
-            });
+            // Seen from inside: the table; from outside: tabs still waiting.
+            let in_flight: Vec<String> = if w.admitted.is_empty() {
+                w.waiting.values().cloned().collect()
+            } else {
+                w.admitted
+                    .iter()
+                    .filter(|(k, _)| !w.released.contains(k))
+                    .map(|(_, (u, _))| u.clone())
+                    .collect()
+            };
+            let users: BTreeSet<&String> = in_flight.iter().collect();
+            let msg = format!(
+                "the proxy went down at {} ({reason}); {} requests in flight of {} users died with it",
+                secs(t),
+                in_flight.len(),
+                users.len()
+            );
+            w.report("proxy-crash", t, || msg);
         }
         _ => {}
     }
 }
 
 /// Retry-After and the shared gate, judged at the upstream.
-fn step_rates(w: &mut Walk, e: &Event, grace_us: u64) {
+fn step_rates(w: &mut Walk, e: &Event, grace_us: u64, outside: bool) {
     let t = e.t_us;
     match e.kind.as_str() {
         "upstream.answer" if e.u64("status") == 429 && e.u64("retry_after_ms") > 0 => {
-            w.hint_sent
-                .insert(e.str("fp").to_string(), t + e.u64("retry_after_ms") * 1000);
+            let until = t + e.u64("retry_after_ms") * 1000;
+            if outside {
+                w.hinted.insert(e.str("fp").to_string(), (t, until));
+            } else {
+                w.hint_sent.insert(e.str("fp").to_string(), until);
+            }
         }
         // The hint binds the proxy from the moment it read the 429: an
         // answer whose client had already left never reached it.
@@ -399,6 +431,7 @@ mod tests {
             live: Live::default(),
             quiescent: true,
             cut_short: false,
+            outside: false,
         }
     }
 

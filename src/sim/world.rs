@@ -113,6 +113,7 @@ pub fn run_world(spec: &WorldSpec) -> WorldRun {
         quiescent: matches!(end, EndReason::Quiescent | EndReason::ProxyCrashed),
         // The harness failed, not the proxy: judge nothing about the end.
         cut_short: matches!(end, EndReason::HarnessError | EndReason::EventLimit),
+        outside: false,
     };
     let violations = oracle::check(&events, &ending, &Grace::of(&spec.scenario.world));
     WorldRun {
