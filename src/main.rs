@@ -672,29 +672,6 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn help_lists_every_embedded_scenario() {
-        for (name, _) in EMBEDDED {
-            assert!(
-                FUZZ_AFTER_HELP.contains(name),
-                "fuzz --help does not list {name}"
-            );
-        }
-        Cli::command_for_test();
-    }
-
-    impl Cli {
-        fn command_for_test() {
-            use clap::CommandFactory;
-            Cli::command().debug_assert();
-        }
-    }
-}
-
 fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     use tavernsim::probe::{Credential, ProbeSpec, run, write_artifacts};
     use tavernsim::proxy::Dialect;
@@ -793,4 +770,27 @@ fn mock_upstream(args: MockUpstreamArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => Ok(ExitCode::SUCCESS),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_lists_every_embedded_scenario() {
+        for (name, _) in EMBEDDED {
+            assert!(
+                FUZZ_AFTER_HELP.contains(name),
+                "fuzz --help does not list {name}"
+            );
+        }
+        Cli::command_for_test();
+    }
+
+    impl Cli {
+        fn command_for_test() {
+            use clap::CommandFactory;
+            Cli::command().debug_assert();
+        }
+    }
 }

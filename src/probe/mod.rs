@@ -299,10 +299,10 @@ fn judge(spec: &ProbeSpec, outcome: Outcome, events: Vec<Event>, wall: Duration)
             at_seconds: v.t_us as f64 / 1e6,
         })
         .collect();
-    if !outcome.went_down {
-        if let Some(late) = late_attempts(&events, outcome.tabs_done_us + grace_us) {
-            violations.push(late);
-        }
+    if !outcome.went_down
+        && let Some(late) = late_attempts(&events, outcome.tabs_done_us + grace_us)
+    {
+        violations.push(late);
     }
     let count = |kind: &str| events.iter().filter(|e| e.kind == kind).count() as u64;
     ProbeReport {
