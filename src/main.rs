@@ -416,11 +416,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    init_logging();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = server_runtime()?;
     rt.block_on(async move {
         let running = match cfg {
             Some(cfg) => start_from_config(cfg, ExitHook::process()).await?,
@@ -749,15 +745,20 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Logging and a multi-threaded runtime, for the commands that serve.
+fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    init_logging();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn mock_upstream(args: MockUpstreamArgs) -> anyhow::Result<ExitCode> {
     use tavernsim::net::{Listener, ServeLimits, Transport, serve};
     use tavernsim::upstream::{self, MockUpstream};
     let scenario = Scenario::load(&args.scenario).map_err(anyhow::Error::msg)?;
-    init_logging();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = server_runtime()?;
     rt.block_on(async move {
         let listener = Listener::bind(Transport::Tokio, args.listen)
             .await

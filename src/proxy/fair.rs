@@ -225,14 +225,13 @@ impl Drop for Wait {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn places_go_round_robin_across_users() {
-        let limiter = FairLimiter::new(1);
-        let held = limiter.acquire("a").await;
+    /// Holds the only place while `users` queue in this order, then lets
+    /// go: the order in which they were served.
+    async fn served_order(limiter: Arc<FairLimiter>, users: &[&'static str]) -> Vec<&'static str> {
+        let held = limiter.acquire("holder").await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        // User a floods with five waiters before b and c ask once each.
-        for user in ["a", "a", "a", "a", "a", "b", "c"] {
+        for &user in users {
             let (l, o) = (Arc::clone(&limiter), Arc::clone(&order));
             tasks.push(tokio::spawn(async move {
                 let _p = l.acquire(user).await;
@@ -245,7 +244,13 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        let order = order.lock().unwrap().clone();
+        order.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn places_go_round_robin_across_users() {
+        // User a floods with five waiters before b and c ask once each.
+        let order = served_order(FairLimiter::new(1), &["a", "a", "a", "a", "a", "b", "c"]).await;
         let pos = |u| order.iter().position(|x| *x == u).unwrap();
         assert!(
             pos("b") <= 2 && pos("c") <= 2,
@@ -257,24 +262,12 @@ mod tests {
     async fn without_round_robin_a_flood_is_served_first() {
         // The comparison the round-robin test relies on: in arrival order,
         // b and c wait behind every one of a's requests.
-        let limiter = FairLimiter::with_order(1, false);
-        let held = limiter.acquire("a").await;
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for user in ["a", "a", "a", "b", "c"] {
-            let (l, o) = (Arc::clone(&limiter), Arc::clone(&order));
-            tasks.push(tokio::spawn(async move {
-                let _p = l.acquire(user).await;
-                o.lock().unwrap().push(user);
-                tokio::task::yield_now().await;
-            }));
-            tokio::task::yield_now().await;
-        }
-        drop(held);
-        for t in tasks {
-            t.await.unwrap();
-        }
-        assert_eq!(*order.lock().unwrap(), ["a", "a", "a", "b", "c"]);
+        let order = served_order(
+            FairLimiter::with_order(1, false),
+            &["a", "a", "a", "b", "c"],
+        )
+        .await;
+        assert_eq!(order, ["a", "a", "a", "b", "c"]);
     }
 
     #[tokio::test]
