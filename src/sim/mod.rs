@@ -11,6 +11,7 @@
 
 pub mod browser;
 pub mod campaign;
+pub mod coverage;
 pub mod oracle;
 pub mod scenario;
 pub mod trace;

@@ -1,0 +1,113 @@
+//! Coverage: where in a request's life each refresh landed, counted from
+//! the trace, so a campaign shows which race windows it reached.
+
+use std::collections::BTreeMap;
+
+use super::trace::Event;
+
+/// The windows a refresh can land in, in the order of a request's life.
+pub const PHASES: &[&str] = &[
+    "before-admit",
+    "admitted",
+    "gate-wait",
+    "sending",
+    "backoff",
+    "streaming",
+    "finished",
+    "after-release",
+];
+
+/// Refreshes per phase over one world's events (every phase present, zero
+/// or not).
+pub fn refreshes_per_phase(events: &[Event]) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = PHASES.iter().map(|p| (p.to_string(), 0)).collect();
+    // fingerprint -> its request's phase now, as the proxy reported it.
+    let mut phase: BTreeMap<String, &'static str> = BTreeMap::new();
+    let mut fp_of: BTreeMap<u64, String> = BTreeMap::new();
+    for e in events {
+        let key = e.u64("key");
+        match e.kind.as_str() {
+            "req.admit" => {
+                fp_of.insert(key, e.str("fp").to_string());
+                phase.insert(e.str("fp").to_string(), "admitted");
+            }
+            "req.phase" => {
+                if let (Some(fp), Some(p)) =
+                    (fp_of.get(&key), PHASES.iter().find(|p| **p == e.str("to")))
+                {
+                    phase.insert(fp.clone(), p);
+                }
+            }
+            "req.release" => {
+                if let Some(fp) = fp_of.get(&key) {
+                    phase.insert(fp.clone(), "after-release");
+                }
+            }
+            "tab.abandon" => {
+                let at = phase.get(e.str("fp")).copied().unwrap_or("before-admit");
+                *out.entry(at.to_string()).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Adds `b` into `a`.
+pub fn add(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+    for (k, v) in b {
+        *a.entry(k.clone()).or_default() += v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(kind: &str, fields: serde_json::Value) -> Event {
+        let fields = fields
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Event {
+            t_us: 0,
+            host: String::new(),
+            kind: kind.into(),
+            fields,
+        }
+    }
+
+    #[test]
+    fn each_refresh_counts_in_the_phase_its_request_was_in() {
+        let events = vec![
+            ev("tab.abandon", json!({"fp": "early"})),
+            ev("req.admit", json!({"key": 1, "fp": "a"})),
+            ev(
+                "req.phase",
+                json!({"key": 1, "from": "admitted", "to": "sending"}),
+            ),
+            ev(
+                "req.phase",
+                json!({"key": 1, "from": "sending", "to": "backoff"}),
+            ),
+            ev("tab.abandon", json!({"fp": "a"})),
+            ev("req.admit", json!({"key": 2, "fp": "b"})),
+            ev("req.release", json!({"key": 2})),
+            ev("tab.abandon", json!({"fp": "b"})),
+        ];
+        let c = refreshes_per_phase(&events);
+        assert_eq!(
+            (
+                c["before-admit"],
+                c["backoff"],
+                c["after-release"],
+                c["sending"]
+            ),
+            (1, 1, 1, 0)
+        );
+        assert_eq!(c.len(), PHASES.len());
+    }
+}
