@@ -141,6 +141,12 @@ pub fn tab_io_error(user: &str, tab: u32, fp: &str, error: &str) {
     ev!("tab.io_error", user, tab, fp, error);
 }
 
+/// A tab logged out while its generation `fp` was pending (`status`: the
+/// logout's answer, 0 for none).
+pub fn tab_logout(user: &str, tab: u32, fp: &str, status: u16) {
+    ev!("tab.logout", user, tab, fp, status);
+}
+
 /// A tab reloaded the page and re-read its session.
 pub fn tab_reload(user: &str, tab: u32, status: u16) {
     ev!("tab.reload", user, tab, status);

@@ -70,6 +70,45 @@ enum Command {
     /// Measure what the proxy costs on loopback.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run every mutant (a deliberate defect of the fixed proxy) until the
+    /// invariant it breaks fires, the fixed proxy beside them, and measure
+    /// the faithful SillyTavern variants; print the kill table.
+    ///
+    /// Exit status: 0 when every mutant is killed and the fixed proxy is
+    /// clean, 1 otherwise, 2 for bad usage.
+    #[command(after_help = MUTANTS_AFTER_HELP)]
+    Mutants(MutantsArgs),
+}
+
+const MUTANTS_AFTER_HELP: &str = "Each mutant runs against the scenario aimed at it (embedded, or aimed: logout-during-retry, \
+refresh-during-attempt) and is killed only when its target invariant fires. The fixed proxy runs \
+the same scenarios, every seed. JSON: {\"mutants\":[{\"name\",\"killed\",\"invariant\",\"seeds_to_kill\",\
+\"wall_seconds\",...}],\"fixed\":{\"seeds_run\",\"violations\",...},\"median_seeds_to_kill\",\"faithful\"}.";
+
+#[derive(Parser)]
+struct MutantsArgs {
+    /// Seed budget per mutant (and per scenario for the fixed run and the measurements).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    seeds: u64,
+    /// Wall-time budget in seconds per mutant (and for the fixed run); a
+    /// mutant not killed in it survives.
+    #[arg(long, value_name = "SECONDS")]
+    time: Option<f64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    jobs: Option<u64>,
+    /// Run only this mutant; repeatable.
+    #[arg(long = "mutant", value_name = "NAME", value_parser = parse_variant)]
+    mutants: Vec<Variant>,
+    /// Skip measuring the faithful SillyTavern variants.
+    #[arg(long)]
+    no_measure: bool,
+    /// List the mutants with their target invariant and race, and exit.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(Subcommand)]
@@ -263,7 +302,8 @@ struct FuzzArgs {
     /// First seed.
     #[arg(long, default_value_t = 0)]
     seed_start: u64,
-    /// The proxy under test: fixed, sillytavern-1.12.6 or sillytavern-1.12.7.
+    /// The proxy under test: fixed, sillytavern-1.12.6, sillytavern-1.12.7, or a
+    /// mutant (`tavernsim mutants --list`).
     #[arg(long, default_value = "fixed", value_parser = parse_variant)]
     variant: Variant,
     /// An embedded scenario's name (listed below) or a path to a scenario TOML file;
@@ -335,7 +375,63 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args),
         Command::HashPassword => hash_password(),
         Command::Bench(BenchCommand::Proxy(args)) => bench_proxy(args),
+        Command::Mutants(args) => mutants(args),
     }
+}
+
+fn mutants(args: MutantsArgs) -> anyhow::Result<ExitCode> {
+    use tavernsim::proxy::Mutant;
+    use tavernsim::sim::mutants::{Budget, HEADER, plan, row_text, run_table, summary_text};
+    if args.list {
+        for m in Mutant::ALL {
+            let race = m.race().map_or("-".into(), |r| format!("race {r}"));
+            outln!(
+                "{:<33} {:<7} {:<21} {}",
+                m.name(),
+                race,
+                m.target(),
+                plan(m).scenario
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let chosen: Vec<Mutant> = if args.mutants.is_empty() {
+        Mutant::ALL.to_vec()
+    } else {
+        let chosen: Option<Vec<Mutant>> = args.mutants.iter().map(|v| v.mutant()).collect();
+        chosen.context("--mutant takes a mutant's name (see --list)")?
+    };
+    if args.time.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
+        anyhow::bail!("--time takes a positive number of seconds");
+    }
+    let budget = Budget {
+        seeds: args.seeds,
+        time: args.time.map(std::time::Duration::from_secs_f64),
+        jobs: args.jobs.map(|j| j as usize).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+    };
+    let text = matches!(args.format, Format::Text);
+    if text {
+        outln!("{HEADER}");
+    }
+    let table = run_table(&chosen, &budget, !args.no_measure, &|k| {
+        if text {
+            outln!("{}", row_text(k));
+        }
+    });
+    if text {
+        outln!("{}", summary_text(&table));
+    } else {
+        outln!("{}", serde_json::to_string_pretty(&table)?);
+    }
+    Ok(if table.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn bench_proxy(args: BenchProxyArgs) -> anyhow::Result<ExitCode> {

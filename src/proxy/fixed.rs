@@ -5,6 +5,9 @@
 //! token; hyper drops the handler future when the client goes away, and
 //! that drop releases the request (its guard) and cancels the upstream call
 //! in flight. No task outlives its request.
+//!
+//! The mutants ([`Mutant`]) are this code with one defect each, marked
+//! where they differ by `cx.mutant(Mutant::...)`.
 
 use std::time::Duration;
 
@@ -21,9 +24,10 @@ use super::classify::{Classification, ClassifyLimits, Decision, classify};
 use super::fair::Permit;
 use super::forward;
 use super::gate::{GateState, wake_at};
+use super::mutants::{self, CatchOnAbort, Mutant};
 use super::requests::{Phase, RequestGuard, RequestKey};
 use super::retry::Next;
-use super::{Dialect, Job, ProxyState};
+use super::{Dialect, Job, ProxyError, ProxyState};
 use crate::events;
 
 /// How a request ended without a completion.
@@ -42,6 +46,19 @@ struct Ctx<'a> {
     deadline: Instant,
     /// Which upstream key the gate and budget count against.
     upstream_id: String,
+    /// Which gate the request waits at (the upstream key's).
+    gate_id: String,
+}
+
+/// The waits of the retry loop, each of which watches the request's
+/// cancellation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Gate,
+    Place,
+    Attempt,
+    Body,
+    Backoff,
 }
 
 impl Ctx<'_> {
@@ -49,6 +66,22 @@ impl Ctx<'_> {
         self.deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as u64
+    }
+
+    fn mutant(&self, m: Mutant) -> bool {
+        self.state.cfg.variant.mutant() == Some(m)
+    }
+
+    /// Whether `wait` listens for the request's cancellation (always, but
+    /// for two mutants).
+    fn watches(&self, wait: Wait) -> bool {
+        match self.state.cfg.variant.mutant() {
+            // Only a backoff already armed when the cancellation comes sees it.
+            Some(Mutant::CancelMissedBeforeArm) => wait == Wait::Backoff,
+            // The retry asks whether its user still resolves instead.
+            Some(Mutant::RetryReresolvesUser) => false,
+            _ => true,
+        }
     }
 }
 
@@ -71,6 +104,10 @@ pub async fn run(job: Job) -> Response {
         Some(_) => format!("user:{user}"),
         None => "shared".to_string(),
     };
+    let gate_id = match state.cfg.variant.mutant() {
+        Some(Mutant::GatePerUser) => format!("user:{user}"),
+        _ => upstream_id.clone(),
+    };
     let policy = &state.cfg.retry;
     let cx = Ctx {
         state: &state,
@@ -78,7 +115,15 @@ pub async fn run(job: Job) -> Response {
         cancel: &cancel,
         deadline: Instant::now() + Duration::from_millis(policy.deadline_ms),
         upstream_id,
+        gate_id,
     };
+    if cx.mutant(Mutant::CapCountsAllUsers) && table.len() > state.cfg.fairness.user_requests_max {
+        return ProxyError::TooManyAttempts {
+            message: "too many requests in flight".into(),
+            retry_after_s: 1,
+        }
+        .into_response();
+    }
     let limits = ClassifyLimits {
         wait_ms_max: policy.wait_ms_max,
     };
@@ -100,15 +145,26 @@ pub async fn run(job: Job) -> Response {
         {
             break cancelled_give_up();
         }
+        if cx.mutant(Mutant::RetryReresolvesUser)
+            && !state.users().get(&user).is_some_and(|u| u.enabled)
+        {
+            break cancelled_give_up();
+        }
         events::attempt_start(key.id(), attempt);
         let attempt_deadline = cx
             .deadline
             .min(Instant::now() + Duration::from_millis(policy.attempt_timeout_ms));
+        let catch = cx
+            .mutant(Mutant::AbortWritesError)
+            .then(|| CatchOnAbort::arm(key));
         let sent = tokio::select! {
             biased;
-            _ = cancel.cancelled() => break cancelled_give_up(),
-            r = tokio::time::timeout_at(attempt_deadline, state.upstream.send(body.clone(), user_key.as_deref())) => r,
+            _ = cancel.cancelled(), if cx.watches(Wait::Attempt) => break cancelled_give_up(),
+            r = tokio::time::timeout_at(attempt_deadline, send(&cx, &body, stream, user_key.as_deref())) => r,
         };
+        if let Some(c) = catch {
+            c.disarm();
+        }
         let answer = match sent {
             Err(_elapsed) => Answer::none(&format!(
                 "no answer from the upstream within {} ms",
@@ -148,7 +204,43 @@ pub async fn run(job: Job) -> Response {
         Phase::Finished,
     );
     events::client_write(key.id(), "error");
+    if cx.mutant(Mutant::LeakOnErrorPath) {
+        std::mem::forget(guard);
+    }
     give_up_response(dialect, give_up)
+}
+
+/// Sends one attempt upstream; resolves when its head arrives.
+async fn send(
+    cx: &Ctx<'_>,
+    body: &Bytes,
+    stream: bool,
+    user_key: Option<&str>,
+) -> Result<hyper::Response<hyper::body::Incoming>, forward::ForwardError> {
+    let (state, key) = (cx.state, cx.key);
+    let user_key = user_key.map(str::to_string);
+    if cx.mutant(Mutant::SlotReuseNoGeneration) {
+        return state
+            .reply_boxes
+            .send(&state.upstream, key, body.clone(), user_key)
+            .await;
+    }
+    if cx.mutant(Mutant::StreamPipedAfterClose) && stream {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (upstream, body) = (state.upstream.clone(), body.clone());
+        mutants::spawn_detached(key, "stream_pipe", async move {
+            let reply = upstream.send(body, user_key.as_deref()).await;
+            if reply.as_ref().is_ok_and(|r| r.status().is_success()) {
+                // Piped to the response at once, whoever is listening.
+                events::client_write(key.id(), "head");
+            }
+            let _ = tx.send(reply);
+        });
+        return rx
+            .await
+            .unwrap_or_else(|_| Err(forward::ForwardError::Connect("the pipe task ended".into())));
+    }
+    state.upstream.send(body.clone(), user_key.as_deref()).await
 }
 
 /// An upstream answer that was not a success (status 0: none at all).
@@ -176,7 +268,7 @@ async fn read_answer(cx: &Ctx<'_>, resp: hyper::Response<hyper::body::Incoming>)
     let (parts, b) = resp.into_parts();
     let read = tokio::select! {
         biased;
-        _ = cx.cancel.cancelled() => return None,
+        _ = cx.cancel.cancelled(), if cx.watches(Wait::Body) => return None,
         r = tokio::time::timeout_at(cx.deadline, forward::read_body(b, cx.state.cfg.upstream_body_bytes_max)) => r,
     };
     let (body, note) = match read {
@@ -200,6 +292,20 @@ async fn after_failure(
     c: &Classification,
 ) -> Result<(), GiveUp> {
     let (state, id) = (cx.state, cx.key.id());
+    if cx.mutant(Mutant::PanicOnUnhinted429) && a.status == 429 {
+        let hint = a.headers[header::RETRY_AFTER].to_str().unwrap_or("0");
+        tracing::debug!(hint, "429 hint");
+    }
+    let ignored;
+    let c = if cx.mutant(Mutant::IgnoresRetryAfter) {
+        ignored = Classification {
+            wait_ms: None,
+            ..c.clone()
+        };
+        &ignored
+    } else {
+        c
+    };
     if a.status == 429
         && c.decision == Decision::Retry
         && let Some(ms) = c.wait_ms.filter(|_| state.cfg.gate.enabled)
@@ -207,7 +313,7 @@ async fn after_failure(
         // Every user's requests to this key wait for the hint, not just this one.
         state
             .gates
-            .close_until(&cx.upstream_id, Instant::now() + Duration::from_millis(ms));
+            .close_until(&cx.gate_id, Instant::now() + Duration::from_millis(ms));
     }
     let policy = &state.cfg.retry;
     let next = state.with_rng(|rng| policy.next(c, attempt, cx.remaining_ms(), rng));
@@ -251,10 +357,39 @@ async fn after_failure(
         return Err(cancelled_give_up());
     }
     events::retry_armed(id, wait_ms);
+    if cx.mutant(Mutant::TimerNotCancelled) {
+        return detached_timer(cx, wait_ms).await;
+    }
+    // A cancellation that came before the timer was armed is missed.
+    let armed_cancelled = cx.mutant(Mutant::CancelMissedBeforeArm) && cx.cancel.is_cancelled();
+    let wait = if cx.mutant(Mutant::BackoffInSeconds) {
+        Duration::from_secs(wait_ms)
+    } else {
+        Duration::from_millis(wait_ms)
+    };
+    tokio::select! {
+        biased;
+        _ = cx.cancel.cancelled(), if cx.watches(Wait::Backoff) && !armed_cancelled => Err(cancelled_give_up()),
+        _ = tokio::time::sleep(wait) => Ok(()),
+    }
+}
+
+/// [`Mutant::TimerNotCancelled`]: the backoff as a timer nobody keeps a
+/// handle to. When it fires it re-reads its request to wake the loop,
+/// whether or not that request still exists.
+async fn detached_timer(cx: &Ctx<'_>, wait_ms: u64) -> Result<(), GiveUp> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (table, key) = (cx.state.table.clone(), cx.key);
+    mutants::spawn_detached(key, "retry_timer", async move {
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        if table.read(key, "retry.timer", |_| ()).is_ok() {
+            let _ = tx.send(());
+        }
+    });
     tokio::select! {
         biased;
         _ = cx.cancel.cancelled() => Err(cancelled_give_up()),
-        _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => Ok(()),
+        _ = rx => Ok(()),
     }
 }
 
@@ -267,10 +402,10 @@ async fn gate_then_place(cx: &Ctx<'_>, user: &str) -> Result<Permit, GiveUp> {
         wait_for_gate(cx).await?;
         let permit = tokio::select! {
             biased;
-            _ = cx.cancel.cancelled() => return Err(cancelled_give_up()),
+            _ = cx.cancel.cancelled(), if cx.watches(Wait::Place) => return Err(cancelled_give_up()),
             p = cx.state.limiter.acquire(user) => p,
         };
-        if !cx.state.cfg.gate.enabled || cx.state.gates.check(&cx.upstream_id) == GateState::Open {
+        if !cx.state.cfg.gate.enabled || cx.state.gates.check(&cx.gate_id) == GateState::Open {
             return Ok(permit);
         }
     }
@@ -283,7 +418,7 @@ async fn wait_for_gate(cx: &Ctx<'_>) -> Result<(), GiveUp> {
     if !state.cfg.gate.enabled {
         return Ok(());
     }
-    while let GateState::ClosedUntil(until) = state.gates.check(&cx.upstream_id) {
+    while let GateState::ClosedUntil(until) = state.gates.check(&cx.gate_id) {
         if until >= cx.deadline {
             let wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
             return Err(GiveUp {
@@ -308,7 +443,7 @@ async fn wait_for_gate(cx: &Ctx<'_>) -> Result<(), GiveUp> {
         );
         tokio::select! {
             biased;
-            _ = cx.cancel.cancelled() => return Err(cancelled_give_up()),
+            _ = cx.cancel.cancelled(), if cx.watches(Wait::Gate) => return Err(cancelled_give_up()),
             _ = tokio::time::sleep_until(wake) => {}
         }
     }
@@ -347,11 +482,13 @@ fn deliver_stream(
         idle: Some(Duration::from_millis(cx.state.cfg.stream_idle_ms)),
         stop: Some(cx.cancel.clone()),
     };
+    // Fields drop in order: the second end comes after the release.
+    let end_again = cx.mutant(Mutant::DoubleEnd).then_some(EndAgain(key));
     let body = forward::passthrough(
         body,
-        (guard, permit),
+        (guard, permit, end_again),
         watch,
-        |(g, _): &(RequestGuard, Permit)| {
+        |(g, _, _): &(RequestGuard, Permit, Option<EndAgain>)| {
             let _ = g
                 .table()
                 .transition(g.key(), &["streaming"], Phase::Finished);
@@ -364,6 +501,15 @@ fn deliver_stream(
     out.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     out
+}
+
+/// [`Mutant::DoubleEnd`]: the close listener ends the response again.
+struct EndAgain(RequestKey);
+
+impl Drop for EndAgain {
+    fn drop(&mut self) {
+        events::client_write(self.0.id(), "end");
+    }
 }
 
 /// Hands a successful answer's body to the client.

@@ -24,6 +24,7 @@ pub mod fixed;
 pub mod forward;
 pub mod gate;
 mod input;
+pub mod mutants;
 pub mod requests;
 pub mod retry;
 pub mod session;
@@ -51,7 +52,7 @@ use serde_json::{Value, json};
 pub use error::ProxyError;
 pub use input::CSRF_HEADER;
 pub use retry::RetryPolicy;
-pub use variant::Variant;
+pub use variant::{Mutant, Variant};
 
 use crate::metrics::COUNTERS;
 use crate::upstream::fingerprint;
@@ -180,6 +181,8 @@ pub struct ProxyState {
     pub hash_cost: HashCost,
     /// Serializes admin changes to the users.
     admin_lock: Mutex<()>,
+    /// Used by one mutant only (`Mutant::SlotReuseNoGeneration`).
+    pub reply_boxes: mutants::ReplyBoxes,
 }
 
 impl ProxyState {
@@ -213,6 +216,7 @@ impl ProxyState {
             users_file: None,
             hash_cost: HashCost::Standard,
             admin_lock: Mutex::new(()),
+            reply_boxes: mutants::ReplyBoxes::default(),
         })
     }
 
@@ -533,8 +537,8 @@ pub async fn generate(
     };
     // The SillyTavern variants reproduce a proxy without a per-user cap.
     let user_cap = match state.cfg.variant {
-        Variant::Fixed => state.cfg.fairness.user_requests_max,
-        _ => usize::MAX,
+        Variant::Fixed | Variant::Mutant(_) => state.cfg.fairness.user_requests_max,
+        Variant::SillyTavern1126 | Variant::SillyTavern1127 => usize::MAX,
     };
     let guard = match state.table.admit_capped(meta, user_cap) {
         Ok(g) => g,
@@ -577,7 +581,7 @@ pub async fn generate(
         user_key: who.upstream_key,
     };
     match job.state.cfg.variant {
-        Variant::Fixed => fixed::run(job).await,
+        Variant::Fixed | Variant::Mutant(_) => fixed::run(job).await,
         Variant::SillyTavern1126 | Variant::SillyTavern1127 => sillytavern::run(job).await,
     }
 }

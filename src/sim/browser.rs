@@ -2,7 +2,9 @@
 //! (with the `x-csrf-token` header, as SillyTavern's page does), and
 //! refreshes at random moments (drops its connection, waits a page load,
 //! reconnects with its cookie, re-reads the session and the CSRF token, and
-//! may send again).
+//! may send again). A tab may also log out while its generation is pending
+//! (`p_logout`: a second connection posts the logout; the tab keeps waiting
+//! for the answer, then signs in again).
 //!
 //! Every choice comes from the tab's own generator, derived from the seed.
 
@@ -227,8 +229,14 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
         }
         let plan = Plan::draw(&spec, &sc, &mut rng, g);
         resend = false;
-        match send(&spec, &sc, &session, &plan).await {
+        let (sent, logged_out) =
+            with_logout(&spec, &session, &plan, send(&spec, &sc, &session, &plan)).await;
+        match sent {
             Sent::Answered(Ok(answer)) => judge_answer(&spec, &plan.fp, plan.stream, &answer),
+            // A logout may cut the answer off: expected, the tab goes on.
+            Sent::Answered(Err(e)) if logged_out => {
+                events::tab_io_error(&spec.user, spec.tab, &plan.fp, &e.to_string());
+            }
             Sent::Answered(Err(e)) => {
                 events::tab_io_error(&spec.user, spec.tab, &plan.fp, &e.to_string());
                 return Ok(());
@@ -245,8 +253,45 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
                 resend = rng.random_bool(sc.p_resend);
             }
         }
+        if logged_out {
+            match sign_in(&spec).await {
+                Some(s) => session = s,
+                None => return Ok(()),
+            }
+        }
     }
     Ok(())
+}
+
+/// Drives `waiting` (the generation's wait) to its end; meanwhile, at the
+/// plan's logout time (if any), posts the logout on a second connection.
+/// Returns the outcome and whether the tab logged out.
+async fn with_logout<T>(
+    spec: &TabSpec,
+    session: &Login,
+    plan: &Plan,
+    waiting: impl std::future::Future<Output = T>,
+) -> (T, bool) {
+    let logout = async {
+        match plan.logout_after_ms {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+        let status = exchange(spec, "POST", "/api/users/logout", Some(session), None)
+            .await
+            .map(|a| a.status.as_u16())
+            .unwrap_or(0);
+        events::tab_logout(&spec.user, spec.tab, &plan.fp, status);
+    };
+    tokio::pin!(waiting, logout);
+    let mut logged_out = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut waiting => return (r, logged_out),
+            () = &mut logout, if !logged_out => logged_out = true,
+        }
+    }
 }
 
 /// One generation: what it says and how the tab will treat it.
@@ -255,6 +300,8 @@ struct Plan {
     stream: bool,
     body: Value,
     refresh: Refresh,
+    /// Log out this long after sending (SillyTavern only).
+    logout_after_ms: Option<u64>,
 }
 
 enum Refresh {
@@ -284,6 +331,11 @@ impl Plan {
         } else {
             Refresh::After(log_uniform_ms(rng, sc.refresh_after_ms_max))
         };
+        // Drawn only when the scenario logs out, so other seeds replay as before.
+        let logout_after_ms = (spec.dialect == Dialect::SillyTavern
+            && sc.p_logout > 0.0
+            && rng.random_bool(sc.p_logout))
+        .then(|| log_uniform_ms(rng, sc.logout_after_ms_max));
         let body = match spec.dialect {
             Dialect::SillyTavern => {
                 json!({"messages": messages, "model": "mock-1", "stream": stream,
@@ -296,6 +348,7 @@ impl Plan {
             stream,
             body,
             refresh,
+            logout_after_ms,
         }
     }
 }

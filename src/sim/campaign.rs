@@ -88,6 +88,17 @@ struct Outcome {
 }
 
 pub fn run(spec: &CampaignSpec) -> Report {
+    run_until(spec, &|_| true, None)
+}
+
+/// Runs a campaign that, with `stop_on_first`, stops at the first world with
+/// a finding `stops` accepts (`run` accepts any), and hands out no new world
+/// after `deadline`.
+pub fn run_until(
+    spec: &CampaignSpec,
+    stops: &(dyn Fn(&Finding) -> bool + Sync),
+    deadline: Option<Instant>,
+) -> Report {
     let started = Instant::now();
     let per = spec.seeds as usize;
     let total = per * spec.scenarios.len();
@@ -104,7 +115,10 @@ pub fn run(spec: &CampaignSpec) -> Report {
             scope.spawn(|| {
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= total || index > stop_at.load(Ordering::Relaxed) {
+                    if index >= total
+                        || index > stop_at.load(Ordering::Relaxed)
+                        || deadline.is_some_and(|d| Instant::now() >= d)
+                    {
                         break;
                     }
                     let outcome = run_one(spec, index, per);
@@ -113,7 +127,7 @@ pub fn run(spec: &CampaignSpec) -> Report {
                             .fetch_add(outcome.findings.len(), Ordering::Relaxed)
                             + outcome.findings.len();
                         bar.set_message(format!("violations: {n}"));
-                        if spec.stop_on_first {
+                        if spec.stop_on_first && outcome.findings.iter().any(stops) {
                             stop_at.fetch_min(index, Ordering::Relaxed);
                         }
                     }
@@ -131,6 +145,10 @@ pub fn run(spec: &CampaignSpec) -> Report {
     let first_violation = stop_at.load(Ordering::Relaxed);
     outcomes.retain(|o| o.index <= first_violation);
     outcomes.sort_by_key(|o| o.index);
+    // Past a deadline, count only the unbroken run of seeds from the start.
+    if let Some(gap) = outcomes.iter().enumerate().position(|(i, o)| o.index != i) {
+        outcomes.truncate(gap);
+    }
     Report {
         variant: spec.variant.to_string(),
         seeds_run: outcomes.len() as u64,
@@ -142,6 +160,46 @@ pub fn run(spec: &CampaignSpec) -> Report {
         violations: outcomes.into_iter().flat_map(|o| o.findings).collect(),
         wall_seconds: started.elapsed().as_secs_f64(),
     }
+}
+
+/// Runs `seeds` seeds of each scenario against `variant` over `jobs`
+/// threads and maps each world with `f`; results in (scenario, seed) order.
+pub fn map_worlds<T: Send>(
+    scenarios: &[NamedScenario],
+    variant: Variant,
+    seeds: u64,
+    jobs: usize,
+    f: &(dyn Fn(&NamedScenario, u64, &super::world::WorldRun) -> T + Sync),
+) -> Vec<T> {
+    let per = seeds as usize;
+    let total = per * scenarios.len();
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(Vec::<(usize, T)>::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= total {
+                        break;
+                    }
+                    let (named, seed) = (&scenarios[index / per], (index % per) as u64);
+                    let run = run_world(&WorldSpec {
+                        seed,
+                        scenario: Arc::clone(&named.scenario),
+                        variant,
+                    });
+                    let t = f(named, seed, &run);
+                    out.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((index, t));
+                }
+            });
+        }
+    });
+    let mut out = out.into_inner().unwrap_or_else(|p| p.into_inner());
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, t)| t).collect()
 }
 
 fn run_one(spec: &CampaignSpec, index: usize, per: usize) -> Outcome {

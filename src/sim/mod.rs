@@ -8,10 +8,14 @@
 //! - [`trace`]: the tracing layer that records a world's events.
 //! - [`oracle`]: the invariants, judged from the events alone.
 //! - [`campaign`]: many seeds over all cores, with progress and a report.
+//! - [`mutants`]: the kill table, every mutant against the scenario aimed at it.
+//! - [`measure`]: counts over every event of the faithful SillyTavern variants.
 
 pub mod browser;
 pub mod campaign;
 pub mod coverage;
+pub mod measure;
+pub mod mutants;
 pub mod oracle;
 pub mod scenario;
 pub mod trace;

@@ -31,6 +31,20 @@ pub const EMBEDDED: &[(&str, &str)] = &[
     ),
 ];
 
+/// Scenarios aimed at one race (a refresh or a logout at a precise phase),
+/// loadable by name. `tavernsim mutants` runs them to kill the mutants that
+/// need them; `fuzz` runs them only when named.
+pub const AIMED: &[(&str, &str)] = &[
+    (
+        "logout-during-retry",
+        include_str!("../../sims/aimed/logout-during-retry.toml"),
+    ),
+    (
+        "refresh-during-attempt",
+        include_str!("../../sims/aimed/refresh-during-attempt.toml"),
+    ),
+];
+
 /// Limits that keep one world bounded whatever a scenario asks for.
 pub const USERS_MAX: u32 = 32;
 pub const TABS_PER_USER_MAX: u32 = 8;
@@ -57,6 +71,11 @@ pub struct Scenario {
     pub page_load_ms_min: u64,
     pub page_load_ms_max: u64,
     pub p_resend: f64,
+    /// Share of generations whose tab logs out while the generation is
+    /// pending (0: never; then no draw is made, so seeds replay as before).
+    pub p_logout: f64,
+    /// The logout lands 10 ms to this after the send, uniform in the logarithm.
+    pub logout_after_ms_max: u64,
     pub think_ms_max: u64,
     /// A tab gives up on an answer after this long.
     pub request_timeout_ms: u64,
@@ -118,6 +137,8 @@ impl Default for Scenario {
             page_load_ms_min: 200,
             page_load_ms_max: 2_000,
             p_resend: 0.5,
+            p_logout: 0.0,
+            logout_after_ms_max: 2_000,
             think_ms_max: 2_000,
             request_timeout_ms: 300_000,
             upstream: UpstreamScript::default(),
@@ -142,12 +163,16 @@ impl Scenario {
 
     /// Loads an embedded scenario by name, or a file by path.
     pub fn load(name_or_path: &str) -> Result<Self, String> {
-        if let Some((_, text)) = EMBEDDED.iter().find(|(n, _)| *n == name_or_path) {
+        if let Some((_, text)) = EMBEDDED
+            .iter()
+            .chain(AIMED)
+            .find(|(n, _)| *n == name_or_path)
+        {
             return Self::parse(text, name_or_path);
         }
         let path = Path::new(name_or_path);
         if !path.exists() {
-            let names: Vec<_> = EMBEDDED.iter().map(|(n, _)| *n).collect();
+            let names: Vec<_> = EMBEDDED.iter().chain(AIMED).map(|(n, _)| *n).collect();
             return Err(format!(
                 "no scenario named '{name_or_path}' and no such file; embedded scenarios: {}",
                 names.join(", ")
@@ -210,6 +235,7 @@ impl Scenario {
             ("p_refresh", self.p_refresh),
             ("p_resend", self.p_resend),
             ("p_aim_after_429", self.p_aim_after_429),
+            ("p_logout", self.p_logout),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(format!(
@@ -249,6 +275,9 @@ mod tests {
         let all = Scenario::defaults();
         assert_eq!(all.len(), EMBEDDED.len());
         assert_eq!(all[0].name, "refresh-during-retry");
+        for (name, _) in AIMED {
+            assert_eq!(Scenario::load(name).unwrap().name, *name);
+        }
     }
 
     #[test]

@@ -1,0 +1,253 @@
+//! Mutants: deliberate defects of the fixed proxy, one small difference
+//! each, so the harness can show it catches every defect its oracle claims
+//! to see. For testing only; never the default (`Variant::Mutant`).
+//!
+//! # Brief overview
+//! - [`Mutant`]: every mutant, documented by the reference race (see the
+//!   project's notes on SillyTavern 1.12.6) or the invariant it breaks, and
+//!   [`Mutant::target`], the oracle invariant that must kill it.
+//! - The defects themselves live where the fixed code would have them
+//!   (`fixed.rs`, each behind `Ctx::mutant`); this module holds the few
+//!   pieces of machinery they need: a detached task that reports itself
+//!   ([`spawn_detached`]), a late catch that writes into a released response
+//!   ([`CatchOnAbort`]), and reply boxes keyed by slot index
+//!   ([`ReplyBoxes`]).
+//!
+//! Every invariant the oracle checks has at least one mutant here.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use hyper::body::Incoming;
+use slotmap::Key;
+use tokio::sync::oneshot;
+
+use super::forward::{ForwardError, Upstream};
+use super::requests::RequestKey;
+use crate::events;
+
+/// A deliberate defect of the fixed proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mutant {
+    /// Race 1 (refresh while the retry timer is armed). The backoff wait is
+    /// a detached timer whose handle is dropped; when it fires it re-reads
+    /// its request from the table to wake the retry loop, even when the
+    /// client left and the request was released meanwhile. Killed by
+    /// `stale-access`.
+    TimerNotCancelled,
+    /// Race 2 (refresh while a retry's upstream call is in flight). The
+    /// abort of the call in flight is caught on a later tick and the catch
+    /// writes `{"error":true}` into the response, which by then was
+    /// released. Killed by `write-after-release`.
+    AbortWritesError,
+    /// Race 3 (the client leaves between the 429 and the timer being
+    /// armed). Only a backoff wait that is already armed listens for the
+    /// request's cancellation: a cancellation (a logout) that lands while an
+    /// attempt is in flight is not checked when the next timer is armed nor
+    /// when it fires, and the retry goes on. Killed by
+    /// `attempt-after-cancel`; needs tabs that log out.
+    CancelMissedBeforeArm,
+    /// Race 5 (a second terminal write after headers were sent). The
+    /// streaming passthrough ends the response when the upstream body ends,
+    /// and its close listener ends it again after the request was released.
+    /// Killed by `write-after-release`.
+    DoubleEnd,
+    /// Race 6 (streaming: the client is gone before the upstream answers).
+    /// A streaming attempt runs detached and pipes the upstream's head into
+    /// the response as soon as it arrives, whether or not the client is
+    /// still there. Killed by `write-after-release`.
+    StreamPipedAfterClose,
+    /// Race 7 (the user logs out while a retry is pending). Instead of
+    /// watching its request's cancellation, the retry re-resolves its user
+    /// before each attempt; a logged-out user still resolves, so the retry
+    /// goes on. Killed by `attempt-after-cancel`; needs tabs that log out.
+    RetryReresolvesUser,
+    /// A slot reused without a generation check. Upstream calls run
+    /// detached and hand their answer to a reply box keyed by the slot index
+    /// alone: the late answer of a released request goes to whichever
+    /// request took its slot, another user's perhaps. Killed by
+    /// `cross-user-delivery`.
+    SlotReuseNoGeneration,
+    /// A panic on a path: a 429 is assumed to carry `Retry-After`, and one
+    /// without it panics the handler (the proxy host goes down). Killed by
+    /// `proxy-crash`.
+    PanicOnUnhinted429,
+    /// The release guard is skipped on the error path: a request the proxy
+    /// gives up on is answered but its slot is never released. Killed by
+    /// `leak`.
+    LeakOnErrorPath,
+    /// The retry ignores `Retry-After` (and so never closes the shared
+    /// gate): a hinted 429 is backed off from on the proxy's own schedule.
+    /// Killed by `retry-after-violated`.
+    IgnoresRetryAfter,
+    /// The shared gate is kept per user instead of per upstream key: a
+    /// hinted 429 holds back its own user only, and other users' requests
+    /// reach the rate-limited key. Killed by `gate-violated`.
+    GatePerUser,
+    /// The per-user cap counts every user's requests, not the user's own:
+    /// once one user fills the table to the cap, every other user is turned
+    /// away. Killed by `starvation`.
+    CapCountsAllUsers,
+    /// A unit slip: the backoff wait, in milliseconds, is slept as seconds.
+    /// A 500 ms backoff lasts 500 s, past the tab's request timeout, and
+    /// no answer ever comes. Killed by `liveness`.
+    BackoffInSeconds,
+}
+
+impl Mutant {
+    pub const ALL: [Mutant; 13] = [
+        Mutant::TimerNotCancelled,
+        Mutant::AbortWritesError,
+        Mutant::CancelMissedBeforeArm,
+        Mutant::DoubleEnd,
+        Mutant::StreamPipedAfterClose,
+        Mutant::RetryReresolvesUser,
+        Mutant::SlotReuseNoGeneration,
+        Mutant::PanicOnUnhinted429,
+        Mutant::LeakOnErrorPath,
+        Mutant::IgnoresRetryAfter,
+        Mutant::GatePerUser,
+        Mutant::CapCountsAllUsers,
+        Mutant::BackoffInSeconds,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutant::TimerNotCancelled => "mutant-timer-not-cancelled",
+            Mutant::AbortWritesError => "mutant-abort-writes-error",
+            Mutant::CancelMissedBeforeArm => "mutant-cancel-missed-before-arm",
+            Mutant::DoubleEnd => "mutant-double-end",
+            Mutant::StreamPipedAfterClose => "mutant-stream-piped-after-close",
+            Mutant::RetryReresolvesUser => "mutant-retry-reresolves-user",
+            Mutant::SlotReuseNoGeneration => "mutant-slot-reuse-no-generation",
+            Mutant::PanicOnUnhinted429 => "mutant-panic-on-unhinted-429",
+            Mutant::LeakOnErrorPath => "mutant-leak-on-error-path",
+            Mutant::IgnoresRetryAfter => "mutant-ignores-retry-after",
+            Mutant::GatePerUser => "mutant-gate-per-user",
+            Mutant::CapCountsAllUsers => "mutant-cap-counts-all-users",
+            Mutant::BackoffInSeconds => "mutant-backoff-in-seconds",
+        }
+    }
+
+    /// The oracle invariant that must kill this mutant.
+    pub fn target(self) -> &'static str {
+        match self {
+            Mutant::TimerNotCancelled => "stale-access",
+            Mutant::AbortWritesError | Mutant::DoubleEnd | Mutant::StreamPipedAfterClose => {
+                "write-after-release"
+            }
+            Mutant::CancelMissedBeforeArm | Mutant::RetryReresolvesUser => "attempt-after-cancel",
+            Mutant::SlotReuseNoGeneration => "cross-user-delivery",
+            Mutant::PanicOnUnhinted429 => "proxy-crash",
+            Mutant::LeakOnErrorPath => "leak",
+            Mutant::IgnoresRetryAfter => "retry-after-violated",
+            Mutant::GatePerUser => "gate-violated",
+            Mutant::CapCountsAllUsers => "starvation",
+            Mutant::BackoffInSeconds => "liveness",
+        }
+    }
+
+    /// The race of the reference notes this mutant reproduces, if any.
+    pub fn race(self) -> Option<u8> {
+        match self {
+            Mutant::TimerNotCancelled => Some(1),
+            Mutant::AbortWritesError => Some(2),
+            Mutant::CancelMissedBeforeArm => Some(3),
+            Mutant::DoubleEnd => Some(5),
+            Mutant::StreamPipedAfterClose => Some(6),
+            Mutant::RetryReresolvesUser => Some(7),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `fut` as a task nothing will ever cancel, reported as
+/// `task.spawn`/`task.end` for request `key` (so the oracle's leak check
+/// and the measurements see it).
+pub fn spawn_detached(
+    key: RequestKey,
+    what: &'static str,
+    fut: impl Future<Output = ()> + Send + 'static,
+) {
+    struct TaskEnd(u64, &'static str);
+    impl Drop for TaskEnd {
+        fn drop(&mut self) {
+            events::task_end(self.0, self.1);
+        }
+    }
+    events::task_spawn(key.id(), what);
+    let end = TaskEnd(key.id(), what);
+    tokio::spawn(async move {
+        let _end = end;
+        fut.await;
+    });
+}
+
+/// The catch of an aborted upstream call ([`Mutant::AbortWritesError`]):
+/// dropped while armed (the handler went away with the call in flight), it
+/// writes an error to the client on a later tick, after the release.
+pub struct CatchOnAbort(Option<RequestKey>);
+
+impl CatchOnAbort {
+    pub fn arm(key: RequestKey) -> Self {
+        Self(Some(key))
+    }
+
+    /// The call ended normally: nothing to catch.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CatchOnAbort {
+    fn drop(&mut self) {
+        if let Some(key) = self.0.take() {
+            spawn_detached(key, "abort_catch", async move {
+                events::client_write(key.id(), "error");
+            });
+        }
+    }
+}
+
+type Reply = Result<hyper::Response<Incoming>, ForwardError>;
+
+/// Reply boxes keyed by slot index, the generation dropped
+/// ([`Mutant::SlotReuseNoGeneration`]).
+#[derive(Clone, Default)]
+pub struct ReplyBoxes(Arc<Mutex<BTreeMap<u32, oneshot::Sender<Reply>>>>);
+
+/// The slot index of a key, without its generation.
+fn slot_index(key: RequestKey) -> u32 {
+    (key.data().as_ffi() & 0xffff_ffff) as u32
+}
+
+impl ReplyBoxes {
+    /// Sends one attempt detached; its answer is handed to whoever waits in
+    /// `key`'s slot when it arrives.
+    pub async fn send(
+        &self,
+        upstream: &Upstream,
+        key: RequestKey,
+        body: Bytes,
+        user_key: Option<String>,
+    ) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(slot_index(key), tx);
+        let (boxes, upstream) = (self.clone(), upstream.clone());
+        spawn_detached(key, "upstream_call", async move {
+            let reply = upstream.send(body, user_key.as_deref()).await;
+            let waiting = boxes.lock().remove(&slot_index(key));
+            if let Some(tx) = waiting {
+                let _ = tx.send(reply);
+            }
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(ForwardError::Connect("the reply box was taken".into())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, oneshot::Sender<Reply>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
