@@ -218,29 +218,17 @@ async fn send(
     user_key: Option<&str>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, forward::ForwardError> {
     let (state, key) = (cx.state, cx.key);
-    let user_key = user_key.map(str::to_string);
+    let owned_key = || user_key.map(str::to_string);
     if cx.mutant(Mutant::SlotReuseNoGeneration) {
-        return state
-            .reply_boxes
-            .send(&state.upstream, key, body.clone(), user_key)
+        let boxes = &state.reply_boxes;
+        return boxes
+            .send(&state.upstream, key, body.clone(), owned_key())
             .await;
     }
     if cx.mutant(Mutant::StreamPipedAfterClose) && stream {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (upstream, body) = (state.upstream.clone(), body.clone());
-        mutants::spawn_detached(key, "stream_pipe", async move {
-            let reply = upstream.send(body, user_key.as_deref()).await;
-            if reply.as_ref().is_ok_and(|r| r.status().is_success()) {
-                // Piped to the response at once, whoever is listening.
-                events::client_write(key.id(), "head");
-            }
-            let _ = tx.send(reply);
-        });
-        return rx
-            .await
-            .unwrap_or_else(|_| Err(forward::ForwardError::Connect("the pipe task ended".into())));
+        return mutants::pipe_detached(&state.upstream, key, body.clone(), owned_key()).await;
     }
-    state.upstream.send(body.clone(), user_key.as_deref()).await
+    state.upstream.send(body.clone(), user_key).await
 }
 
 /// An upstream answer that was not a success (status 0: none at all).

@@ -10,7 +10,8 @@
 //!   (`fixed.rs`, each behind `Ctx::mutant`); this module holds the few
 //!   pieces of machinery they need: a detached task that reports itself
 //!   ([`spawn_detached`]), a late catch that writes into a released response
-//!   ([`CatchOnAbort`]), and reply boxes keyed by slot index
+//!   ([`CatchOnAbort`]), a streaming call that pipes its head whoever
+//!   listens ([`pipe_detached`]), and reply boxes keyed by slot index
 //!   ([`ReplyBoxes`]).
 //!
 //! Every invariant the oracle checks has at least one mutant here.
@@ -212,6 +213,28 @@ impl Drop for CatchOnAbort {
 }
 
 type Reply = Result<hyper::Response<Incoming>, ForwardError>;
+
+/// Sends a streaming attempt detached ([`Mutant::StreamPipedAfterClose`]):
+/// a 2xx head is piped to the client as soon as it arrives, whether or not
+/// that client is still there, then handed to the handler if it waits.
+pub async fn pipe_detached(
+    upstream: &Upstream,
+    key: RequestKey,
+    body: Bytes,
+    user_key: Option<String>,
+) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    let upstream = upstream.clone();
+    spawn_detached(key, "stream_pipe", async move {
+        let reply = upstream.send(body, user_key.as_deref()).await;
+        if reply.as_ref().is_ok_and(|r| r.status().is_success()) {
+            events::client_write(key.id(), "head");
+        }
+        let _ = tx.send(reply);
+    });
+    rx.await
+        .unwrap_or_else(|_| Err(ForwardError::Connect("the pipe task ended".into())))
+}
 
 /// Reply boxes keyed by slot index, the generation dropped
 /// ([`Mutant::SlotReuseNoGeneration`]).
