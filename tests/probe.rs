@@ -111,3 +111,19 @@ fn the_sillytavern_1_12_7_crash_is_seen_from_outside() {
     assert!(crash.is_some(), "no crash seen: {:#?}", report.violations);
     assert!(report.target_went_down);
 }
+
+#[test]
+fn a_proxy_that_retries_after_its_client_left_is_seen_from_outside() {
+    let up = free_port();
+    let served = serve("mutant-retry-outlives-client", up);
+    let report = probe(&served, up, 200, 30);
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.invariant == "attempt-after-cancel"),
+        "no late attempt seen: {:#?}",
+        report.violations
+    );
+    assert!(!report.target_went_down);
+}

@@ -581,6 +581,12 @@ pub async fn generate(
         user_key: who.upstream_key,
     };
     match job.state.cfg.variant {
+        Variant::Mutant(mutants::Mutant::RetryOutlivesClient) => {
+            // The handler only awaits the task: dropping it leaves the task running.
+            tokio::spawn(fixed::run(job))
+                .await
+                .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
         Variant::Fixed | Variant::Mutant(_) => fixed::run(job).await,
         Variant::SillyTavern1126 | Variant::SillyTavern1127 => sillytavern::run(job).await,
     }

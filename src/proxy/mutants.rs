@@ -95,10 +95,16 @@ pub enum Mutant {
     /// A 500 ms backoff lasts 500 s, past the tab's request timeout, and
     /// no answer ever comes. Killed by `liveness`.
     BackoffInSeconds,
+    /// The retry loop outlives its client: it runs in a task of its own
+    /// that the handler only awaits, so when the client leaves and the
+    /// handler is dropped the retries go on, as a popular Python proxy was
+    /// measured to do (2 to 3 upstream attempts after the client left).
+    /// Killed by `attempt-after-cancel`; the probe sees it from outside.
+    RetryOutlivesClient,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 13] = [
+    pub const ALL: [Mutant; 14] = [
         Mutant::TimerNotCancelled,
         Mutant::AbortWritesError,
         Mutant::CancelMissedBeforeArm,
@@ -112,6 +118,7 @@ impl Mutant {
         Mutant::GatePerUser,
         Mutant::CapCountsAllUsers,
         Mutant::BackoffInSeconds,
+        Mutant::RetryOutlivesClient,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +136,7 @@ impl Mutant {
             Mutant::GatePerUser => "mutant-gate-per-user",
             Mutant::CapCountsAllUsers => "mutant-cap-counts-all-users",
             Mutant::BackoffInSeconds => "mutant-backoff-in-seconds",
+            Mutant::RetryOutlivesClient => "mutant-retry-outlives-client",
         }
     }
 
@@ -139,7 +147,9 @@ impl Mutant {
             Mutant::AbortWritesError | Mutant::DoubleEnd | Mutant::StreamPipedAfterClose => {
                 "write-after-release"
             }
-            Mutant::CancelMissedBeforeArm | Mutant::RetryReresolvesUser => "attempt-after-cancel",
+            Mutant::CancelMissedBeforeArm
+            | Mutant::RetryReresolvesUser
+            | Mutant::RetryOutlivesClient => "attempt-after-cancel",
             Mutant::SlotReuseNoGeneration => "cross-user-delivery",
             Mutant::PanicOnUnhinted429 => "proxy-crash",
             Mutant::LeakOnErrorPath => "leak",

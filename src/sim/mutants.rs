@@ -47,6 +47,7 @@ pub fn plan(m: Mutant) -> Plan {
         Mutant::GatePerUser => ("burst-429", 3),
         Mutant::CapCountsAllUsers => ("one-user-floods", 3),
         Mutant::BackoffInSeconds => ("refresh-during-retry", 3),
+        Mutant::RetryOutlivesClient => ("refresh-during-retry", 5),
     };
     Plan {
         mutant: m,
