@@ -282,6 +282,24 @@ async fn logout_cancels_that_sessions_requests_only() {
 }
 
 #[tokio::test]
+async fn a_logged_out_session_cookie_is_refused_afterwards() {
+    // A signed cookie stays valid until it expires: logout must revoke it,
+    // or a generation sent just before the logout but admitted after it
+    // would run uncancelled.
+    let server = slow_429s().await;
+    let p = proxy(config(&server.uri())).await;
+    let http = Http::new(p.addr);
+    let s = http.login("carol").await;
+    let out = http.post_as(&s, "/api/users/logout", json!({})).await;
+    assert_eq!(out.status, 200, "{}", out.text());
+    let late = http.post_as(&s, GENERATE, chat("hi", false)).await;
+    assert_eq!(late.status, 401, "{}", late.text());
+    assert!(p.state.table.is_empty());
+    let again = http.login("carol").await;
+    assert_ne!(again.cookie, s.cookie, "a new login is a new session");
+}
+
+#[tokio::test]
 async fn csrf_token_needs_a_session_and_generate_needs_the_token() {
     let p = proxy(config("http://127.0.0.1:9")).await;
     let http = Http::new(p.addr);

@@ -61,6 +61,10 @@ use requests::{RequestGuard, RequestMeta, RequestTable};
 use session::{Session, SessionSecret};
 use users::{AuthError, HashCost, UserStore};
 
+/// Logged-out sessions remembered at the most (each until its cookie's
+/// expiry).
+pub const REVOKED_SESSIONS_MAX: usize = 100_000;
+
 /// Everything the proxy is configured with, bar users and secrets.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -174,6 +178,9 @@ pub struct ProxyState {
     pub budget: budget::RetryBudget,
     pub limiter: Arc<fair::FairLimiter>,
     sessions_issued: AtomicU64,
+    /// Sessions logged out, until their cookie would have expired anyway
+    /// (a signed cookie stays valid until then: logout must revoke it).
+    revoked: Mutex<std::collections::BTreeMap<u64, u64>>,
     pub throttle: throttle::LoginThrottle,
     /// Where admin changes are saved; `None`: users live in memory only.
     pub users_file: Option<PathBuf>,
@@ -212,6 +219,7 @@ impl ProxyState {
             clock,
             exit,
             sessions_issued: AtomicU64::new(0),
+            revoked: Mutex::new(std::collections::BTreeMap::new()),
             throttle: throttle::LoginThrottle::new(cfg_login),
             users_file: None,
             hash_cost: HashCost::Standard,
@@ -235,6 +243,30 @@ impl ProxyState {
             .expect("with_hash_cost before the state is shared")
             .hash_cost = cost;
         self
+    }
+
+    /// Refuses session `id` from now on (logout).
+    pub fn revoke_session(&self, id: u64) {
+        let now = self.clock.now_s();
+        let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        if revoked.len() >= REVOKED_SESSIONS_MAX {
+            revoked.retain(|_, until| *until > now);
+        }
+        if revoked.len() >= REVOKED_SESSIONS_MAX {
+            // Still full: forget the revocation that expires first.
+            if let Some(first) = revoked.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k) {
+                revoked.remove(&first);
+            }
+        }
+        revoked.insert(id, now.saturating_add(self.cfg.session_max_age_s));
+    }
+
+    /// Whether session `id` logged out.
+    pub fn is_revoked(&self, id: u64) -> bool {
+        let revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        revoked
+            .get(&id)
+            .is_some_and(|until| *until > self.clock.now_s())
     }
 
     pub fn with_rng<R>(&self, f: impl FnOnce(&mut ChaCha8Rng) -> R) -> R {
@@ -369,6 +401,9 @@ async fn logout(
 ) -> Result<Response, ProxyError> {
     let who = principal_from_cookie(&state, &headers)?;
     check_csrf(&state, &headers, &who)?;
+    // Revoke first: a request of this session admitted from now on is
+    // refused after admission, one admitted before is cancelled here.
+    state.revoke_session(who.session_id);
     let cancelled = state.table.cancel_where("logout", |m| {
         m.user == who.handle && m.session_id == who.session_id
     });
@@ -401,6 +436,9 @@ pub(crate) fn principal_from_cookie(
         state.cfg.session_max_age_s,
     )
     .map_err(|_| ProxyError::Unauthorized)?;
+    if state.is_revoked(s.session_id) {
+        return Err(ProxyError::Unauthorized);
+    }
     let users = state.users();
     let user = users.get(&s.handle).ok_or(ProxyError::Unauthorized)?;
     if !user.enabled {
@@ -554,6 +592,12 @@ pub async fn generate(
             .into_response();
         }
     };
+    // The session may have logged out between authentication and admission;
+    // its cancel_where ran before this request was in the table.
+    if who.session_id != 0 && state.is_revoked(who.session_id) {
+        drop(guard);
+        return ProxyError::Unauthorized.into_response();
+    }
     // An admin may have disabled or deleted the user between authentication
     // and admission; their cancel_where ran before this request was in the
     // table, so check again now that it is.

@@ -90,6 +90,8 @@ struct Walk {
     stopped_keys: BTreeSet<u64>,
     /// fingerprint -> user who sent it.
     owner: BTreeMap<String, String>,
+    /// fingerprints of requests whose tab logged out while waiting.
+    logged_out: BTreeSet<String>,
     /// fingerprint -> user, for requests whose tab still waits for an end.
     waiting: BTreeMap<String, String>,
     /// fingerprint -> end of the wait its last 429 hinted (as the mock sent it).
@@ -206,6 +208,13 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
         "tab.timeout" => {
             let (user, fp) = (e.str("user").to_string(), e.str("fp").to_string());
             w.report("liveness", t, || format!("tab {} of {user} got no answer to generation {fp} before its request timeout (at {})", e.u64("tab"), secs(t)));
+        }
+        // A logout ends that session's requests as surely as a refresh ends
+        // the tab's: judged from the client's side, not from what the proxy
+        // says it cancelled.
+        "tab.logout" if e.u64("status") == 200 => {
+            w.abandoned_at.entry(e.str("fp").to_string()).or_insert(t);
+            w.logged_out.insert(e.str("fp").to_string());
         }
         "tab.abandon" => {
             w.abandoned_at.entry(e.str("fp").to_string()).or_insert(t);
@@ -331,7 +340,8 @@ fn step_rates(w: &mut Walk, e: &Event, grace_us: u64, outside: bool) {
                 }
             }
         }
-        "tab.recv" => {
+        // An answer cut off by the user's own logout says nothing of fairness.
+        "tab.recv" if !w.logged_out.contains(e.str("fp")) => {
             let entry = w.served.entry(e.str("user").to_string()).or_default();
             entry.0 += 1;
             entry.1 += u64::from(!e.bool("error"));
