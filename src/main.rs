@@ -614,6 +614,12 @@ fn print_text(spec: &CampaignSpec, r: &Report) {
             0.0
         },
     );
+    let reached: Vec<String> = r
+        .coverage
+        .iter()
+        .map(|(phase, n)| format!("{phase} {n}"))
+        .collect();
+    outln!("refreshes by phase of the request: {}", reached.join(", "));
     for e in &r.harness_errors {
         outln!("HARNESS ERROR {e}");
     }

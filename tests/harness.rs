@@ -47,6 +47,21 @@ fn fixed_proxy_breaks_nothing_over_the_default_scenarios() {
         "{:?}",
         report.harness_errors
     );
+    // "Sometimes" checks: a clean verdict means something only if refreshes
+    // landed in every window of a request's life. (The fixed proxy moves a
+    // request from finished to released in one step: no refresh can land
+    // between them.)
+    for phase in tavernsim::sim::coverage::PHASES
+        .iter()
+        .filter(|p| **p != "finished")
+    {
+        let n = report.coverage.get(*phase).copied().unwrap_or(0);
+        assert!(
+            n > 0,
+            "no refresh landed in phase {phase}: {:?}",
+            report.coverage
+        );
+    }
     assert!(
         report.violations.is_empty(),
         "the fixed proxy broke invariants:\n{}",

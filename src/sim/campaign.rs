@@ -61,6 +61,9 @@ pub struct Report {
     pub sim_seconds: f64,
     /// Worlds that ended on an error of the harness itself.
     pub harness_errors: Vec<String>,
+    /// Refreshes per phase of the refreshed request, over every world run.
+    pub coverage: std::collections::BTreeMap<String, u64>,
+    pub seeds_per_second: f64,
 }
 
 impl Report {
@@ -85,6 +88,7 @@ struct Outcome {
     findings: Vec<Finding>,
     sim_ms: u64,
     harness_error: Option<String>,
+    coverage: std::collections::BTreeMap<String, u64>,
 }
 
 pub fn run(spec: &CampaignSpec) -> Report {
@@ -149,16 +153,27 @@ pub fn run_until(
     if let Some(gap) = outcomes.iter().enumerate().position(|(i, o)| o.index != i) {
         outcomes.truncate(gap);
     }
+    let mut coverage = std::collections::BTreeMap::new();
+    for o in &outcomes {
+        super::coverage::add(&mut coverage, &o.coverage);
+    }
+    let wall_seconds = started.elapsed().as_secs_f64();
     Report {
         variant: spec.variant.to_string(),
         seeds_run: outcomes.len() as u64,
+        coverage,
+        seeds_per_second: if wall_seconds > 0.0 {
+            outcomes.len() as f64 / wall_seconds
+        } else {
+            0.0
+        },
         sim_seconds: outcomes.iter().map(|o| o.sim_ms).sum::<u64>() as f64 / 1000.0,
         harness_errors: outcomes
             .iter()
             .filter_map(|o| o.harness_error.clone())
             .collect(),
         violations: outcomes.into_iter().flat_map(|o| o.findings).collect(),
-        wall_seconds: started.elapsed().as_secs_f64(),
+        wall_seconds,
     }
 }
 
@@ -235,6 +250,7 @@ fn run_one(spec: &CampaignSpec, index: usize, per: usize) -> Outcome {
         findings,
         sim_ms: run.sim_ms,
         harness_error,
+        coverage: super::coverage::refreshes_per_phase(&run.events),
     }
 }
 
