@@ -379,8 +379,12 @@ async fn settle(
     Ok(())
 }
 
-/// Resident set size of this process (Linux: /proc/self/status VmRSS).
+/// Resident set size of this process (Linux: /proc/self/status VmRSS),
+/// after handing freed heap pages back to the OS, so that growth between
+/// two readings is memory in use rather than the allocator's reuse of what
+/// the throughput phases freed.
 fn rss_bytes() -> anyhow::Result<i64> {
+    trim_heap();
     let status = std::fs::read_to_string("/proc/self/status").context(
         "the memory figure needs /proc/self/status (Linux); run with --parked 0 elsewhere",
     )?;
@@ -423,13 +427,34 @@ pub fn render_text(r: &BenchReport) -> String {
         ),
     ];
     if let Some(m) = &r.memory {
+        let held = if m.proxy_bytes_per_request > 0 {
+            format!("{} B held by the proxy", m.proxy_bytes_per_request)
+        } else {
+            "the proxy's share is below the noise of RSS".to_string()
+        };
         out.push(format!(
-            "memory per in-flight request ({} parked): {} B through the proxy path, {} B direct, so {} B held by the proxy",
-            m.parked, m.proxy_path_bytes_per_request, m.direct_bytes_per_request, m.proxy_bytes_per_request
+            "memory per in-flight request ({} parked): {} B through the proxy path, {} B direct, so {held}",
+            m.parked, m.proxy_path_bytes_per_request, m.direct_bytes_per_request
         ));
     }
     out.join("\n")
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    unsafe extern "C" {
+        /// glibc: release free memory from the heap to the OS.
+        fn malloc_trim(pad: usize) -> i32;
+    }
+    // SAFETY: malloc_trim only returns unused pages; it has no
+    // preconditions and is thread-safe.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 #[cfg(test)]
 mod tests {
