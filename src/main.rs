@@ -531,8 +531,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(%addr, %upstream, variant = %args.variant, "serving");
         outln!("tavernsim serve: proxy on http://{addr}, upstream {upstream}, variant {}", args.variant);
         if args.demo {
+            let upstream_note = match &args.upstream {
+                Some(url) => format!("demo mode: forwarding to {url} (no embedded mock);"),
+                None => "demo mode: the mock upstream answers about 3 attempts in 10 with 429, so the proxy retries;".into(),
+            };
             outln!(
-                "demo mode: the mock upstream answers about 3 attempts in 10 with 429, so the proxy retries;\n\
+                "{upstream_note}\n\
                  user demo, password demo, bearer token demo-token (demo only, users in memory). Try:\n"
             );
             outln!("{}\n", demo_commands(addr));

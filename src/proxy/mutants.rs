@@ -17,7 +17,6 @@
 //! Every invariant the oracle checks has at least one mutant here.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -174,27 +173,7 @@ impl Mutant {
     }
 }
 
-/// Runs `fut` as a task nothing will ever cancel, reported as
-/// `task.spawn`/`task.end` for request `key` (so the oracle's leak check
-/// and the measurements see it).
-pub fn spawn_detached(
-    key: RequestKey,
-    what: &'static str,
-    fut: impl Future<Output = ()> + Send + 'static,
-) {
-    struct TaskEnd(u64, &'static str);
-    impl Drop for TaskEnd {
-        fn drop(&mut self) {
-            events::task_end(self.0, self.1);
-        }
-    }
-    events::task_spawn(key.id(), what);
-    let end = TaskEnd(key.id(), what);
-    tokio::spawn(async move {
-        let _end = end;
-        fut.await;
-    });
-}
+pub use super::requests::spawn_detached;
 
 /// The catch of an aborted upstream call ([`Mutant::AbortWritesError`]):
 /// dropped while armed (the handler went away with the call in flight), it

@@ -13,6 +13,7 @@
 //!
 //! Architecture Invariant: only this module releases request state.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use slotmap::{Key, SlotMap, new_key_type};
@@ -270,6 +271,28 @@ impl RequestTable {
             None => events::req_stale(key.id(), "release"),
         }
     }
+}
+
+/// Runs `fut` as a task nothing will ever cancel, reported as
+/// `task.spawn`/`task.end` for request `key` (so the oracle's leak check
+/// and the measurements see it).
+pub fn spawn_detached(
+    key: RequestKey,
+    what: &'static str,
+    fut: impl Future<Output = ()> + Send + 'static,
+) {
+    struct TaskEnd(u64, &'static str);
+    impl Drop for TaskEnd {
+        fn drop(&mut self) {
+            events::task_end(self.0, self.1);
+        }
+    }
+    events::task_spawn(key.id(), what);
+    let end = TaskEnd(key.id(), what);
+    tokio::spawn(async move {
+        let _end = end;
+        fut.await;
+    });
 }
 
 /// Owns one request's slot; dropping it releases the slot.

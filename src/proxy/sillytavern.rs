@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::forward;
+use super::requests::spawn_detached;
 use super::requests::{Phase, RequestGuard, RequestKey};
 use super::{Job, ProxyState, Variant};
 use crate::events;
@@ -142,25 +143,6 @@ impl<S: futures::Stream + Unpin, O: Unpin> futures::Stream for WithOwner<S, O> {
     ) -> std::task::Poll<Option<S::Item>> {
         Pin::new(&mut self.inner).poll_next(cx)
     }
-}
-
-fn spawn_detached(
-    key: RequestKey,
-    what: &'static str,
-    fut: impl Future<Output = ()> + Send + 'static,
-) {
-    struct TaskEnd(u64, &'static str);
-    impl Drop for TaskEnd {
-        fn drop(&mut self) {
-            events::task_end(self.0, self.1);
-        }
-    }
-    events::task_spawn(key.id(), what);
-    let end = TaskEnd(key.id(), what);
-    tokio::spawn(async move {
-        let _end = end;
-        fut.await;
-    });
 }
 
 /// `makeRequest(retries, timeout)`.

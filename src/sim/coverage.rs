@@ -66,18 +66,7 @@ mod tests {
     use serde_json::json;
 
     fn ev(kind: &str, fields: serde_json::Value) -> Event {
-        let fields = fields
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Event {
-            t_us: 0,
-            host: String::new(),
-            kind: kind.into(),
-            fields,
-        }
+        Event::new(0, "", kind, fields)
     }
 
     #[test]

@@ -421,18 +421,7 @@ mod tests {
     use serde_json::json;
 
     fn ev(t_us: u64, kind: &str, fields: serde_json::Value) -> Event {
-        let fields = fields
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Event {
-            t_us,
-            host: "proxy".into(),
-            kind: kind.into(),
-            fields,
-        }
+        Event::new(t_us, "proxy", kind, fields)
     }
 
     fn clean() -> Ending {

@@ -30,6 +30,20 @@ pub struct Event {
 }
 
 impl Event {
+    /// An event built by hand (for tests of what reads traces).
+    pub fn new(t_us: u64, host: &str, kind: &str, fields: serde_json::Value) -> Self {
+        let fields = match fields {
+            Value::Object(m) => m.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        Self {
+            t_us,
+            host: host.into(),
+            kind: kind.into(),
+            fields,
+        }
+    }
+
     pub fn u64(&self, name: &str) -> u64 {
         self.fields.get(name).and_then(Value::as_u64).unwrap_or(0)
     }
