@@ -29,6 +29,9 @@ pub fn req_admit(key: u64, user: &str, session: u64, fp: &str, stream: bool) {
 
 /// A phase transition of a request.
 pub fn req_phase(key: u64, from: &str, to: &str) {
+    if to == "gate-wait" {
+        COUNTERS.gate_waits.inc();
+    }
     ev!("req.phase", key, from, to);
 }
 

@@ -55,6 +55,7 @@ pub struct Counters {
     pub retries: [[Counter; 4]; 2],
     pub cancellations: [Counter; 4],
     pub stale_accesses: Counter,
+    pub gate_waits: Counter,
     pub logins: [Counter; 3],
 }
 
@@ -69,6 +70,7 @@ pub static COUNTERS: Counters = Counters {
     retries: [const { [const { Counter::new() }; 4] }; 2],
     cancellations: [const { Counter::new() }; 4],
     stale_accesses: Counter::new(),
+    gate_waits: Counter::new(),
     logins: [const { Counter::new() }; 3],
 };
 
@@ -200,6 +202,12 @@ pub fn render(in_flight: &[(&'static str, usize)]) -> String {
             c.cancellations[i].get(),
         );
     }
+    single(
+        &mut out,
+        "tavernsim_gate_waits_total",
+        "Requests held back because their upstream key's shared rate-limit gate was closed.",
+        c.gate_waits.get(),
+    );
     single(
         &mut out,
         "tavernsim_stale_accesses_total",

@@ -380,3 +380,43 @@ async fn two_tabs_of_one_user_are_independent() {
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     assert_eq!(arrivals.lock().unwrap().len(), 3, "tab a never retried");
 }
+
+/// The shared gate on real sockets: alice's hinted 429 holds carol's
+/// request back too (they share the upstream key), and the gate shows in
+/// `/metrics`.
+#[tokio::test]
+async fn a_hinted_429_for_one_user_gates_another_user_on_the_same_key() {
+    let ok = ResponseTemplate::new(200).set_body_json(completion("after the gate"));
+    let (server, arrivals) = scripted(vec![too_many(Some("2")), ok]).await;
+    let p = proxy(config(&server.uri())).await;
+    let http = Arc::new(Http::new(p.addr));
+    let alice = {
+        let http = Arc::clone(&http);
+        tokio::spawn(async move { http.openai("alice", chat("a", false)).await })
+    };
+    eventually("alice backs off", || in_phase(&p, "backoff") == 1).await;
+    let started = Instant::now();
+    let carol = http.openai("carol", chat("c", false)).await;
+    assert_eq!(carol.status, 200, "{}", carol.text());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "carol went to the rate-limited key after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(alice.await.unwrap().status, 200);
+    let times = arrivals.lock().unwrap().clone();
+    assert!(
+        times[1] - times[0] >= Duration::from_secs(2),
+        "the second attempt came {:?} after the 429",
+        times[1] - times[0]
+    );
+    let metrics = http.call("GET", "/metrics", &[], "").await.text();
+    let gated = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tavernsim_gate_waits_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(
+        gated.is_some_and(|n| n >= 1),
+        "no gate wait in /metrics:\n{metrics}"
+    );
+}
