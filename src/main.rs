@@ -478,15 +478,15 @@ fn hash_password() -> anyhow::Result<ExitCode> {
 
 /// Logs for `serve` only: the simulation installs its own subscriber per
 /// world and must never see a global one's output.
-fn init_logging() {
+/// Logs to stderr; `RUST_LOG` wins over `default` (e.g. "info,tavernsim::ev=warn").
+fn init_logging(default: &'static str) {
     use tracing_subscriber::EnvFilter;
-    const DEFAULT: &str = "info,tavernsim::ev=warn";
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).unwrap_or_else(|e| {
-            eprintln!("tavernsim: RUST_LOG={v:?} is not a valid filter ({e}); using {DEFAULT:?}");
-            EnvFilter::new(DEFAULT)
+            eprintln!("tavernsim: RUST_LOG={v:?} is not a valid filter ({e}); using {default:?}");
+            EnvFilter::new(default)
         }),
-        _ => EnvFilter::new(DEFAULT),
+        _ => EnvFilter::new(default),
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -512,7 +512,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let rt = server_runtime()?;
+    let rt = server_runtime("info,tavernsim::ev=warn")?;
     rt.block_on(async move {
         let running = match cfg {
             Some(cfg) => start_from_config(cfg, ExitHook::process()).await?,
@@ -852,8 +852,8 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Logging and a multi-threaded runtime, for the commands that serve.
-fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    init_logging();
+fn server_runtime(log_default: &'static str) -> anyhow::Result<tokio::runtime::Runtime> {
+    init_logging(log_default);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -864,7 +864,8 @@ fn mock_upstream(args: MockUpstreamArgs) -> anyhow::Result<ExitCode> {
     use tavernsim::net::{Listener, ServeLimits, Transport, serve};
     use tavernsim::upstream::{self, MockUpstream};
     let scenario = Scenario::load(&args.scenario).map_err(anyhow::Error::msg)?;
-    let rt = server_runtime()?;
+    // Every attempt is an info event: log them by default.
+    let rt = server_runtime("info")?;
     rt.block_on(async move {
         let listener = Listener::bind(Transport::Tokio, args.listen)
             .await
