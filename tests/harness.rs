@@ -68,10 +68,7 @@ fn fixed_proxy_breaks_nothing_over_the_default_scenarios() {
         report
             .violations
             .iter()
-            .map(|v| format!(
-                "{} seed {}: {} ({})",
-                v.scenario, v.seed, v.invariant, v.replay
-            ))
+            .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n")
     );

@@ -133,10 +133,7 @@ fn fixed_proxy_is_clean_on_every_planned_scenario() {
         report
             .violations
             .iter()
-            .map(|v| format!(
-                "{} seed {}: {} ({})",
-                v.scenario, v.seed, v.invariant, v.replay
-            ))
+            .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("\n")
     );

@@ -44,6 +44,16 @@ pub enum Phase {
     Finished,
 }
 
+/// Every phase's name, in the order of a request's life.
+pub const PHASE_NAMES: [&str; 6] = [
+    "admitted",
+    "gate-wait",
+    "sending",
+    "backoff",
+    "streaming",
+    "finished",
+];
+
 impl Phase {
     pub fn name(self) -> &'static str {
         match self {
@@ -244,16 +254,8 @@ impl RequestTable {
 
     /// Requests per phase name, in phase order (for metrics).
     pub fn phase_counts(&self) -> Vec<(&'static str, usize)> {
-        let names = [
-            "admitted",
-            "gate-wait",
-            "sending",
-            "backoff",
-            "streaming",
-            "finished",
-        ];
         let slots = self.lock();
-        names
+        PHASE_NAMES
             .iter()
             .map(|n| (*n, slots.values().filter(|e| e.phase.name() == *n).count()))
             .collect()

@@ -76,6 +76,16 @@ impl Report {
     }
 }
 
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} seed {}: {} ({})",
+            self.scenario, self.seed, self.invariant, self.replay
+        )
+    }
+}
+
 /// The command that replays one world.
 pub fn replay_command(seed: u64, origin: &str, variant: Variant, hash: &str) -> String {
     format!(

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 
 use super::trace::Event;
+use crate::proxy::requests::PHASE_NAMES;
 
-/// The windows a refresh can land in, in the order of a request's life.
+/// The windows a refresh can land in, in the order of a request's life:
+/// the table's phases ([`PHASE_NAMES`]) between "not yet in the table" and
+/// "already released".
 pub const PHASES: &[&str] = &[
     "before-admit",
     "admitted",
@@ -32,9 +35,10 @@ pub fn refreshes_per_phase(events: &[Event]) -> BTreeMap<String, u64> {
                 phase.insert(e.str("fp").to_string(), "admitted");
             }
             "req.phase" => {
-                if let (Some(fp), Some(p)) =
-                    (fp_of.get(&key), PHASES.iter().find(|p| **p == e.str("to")))
-                {
+                if let (Some(fp), Some(p)) = (
+                    fp_of.get(&key),
+                    PHASE_NAMES.iter().find(|p| **p == e.str("to")),
+                ) {
                     phase.insert(fp.clone(), p);
                 }
             }
@@ -98,5 +102,10 @@ mod tests {
             (1, 1, 1, 0)
         );
         assert_eq!(c.len(), PHASES.len());
+        assert_eq!(
+            PHASES[1..PHASES.len() - 1],
+            PHASE_NAMES,
+            "coverage knows every phase of the table"
+        );
     }
 }
