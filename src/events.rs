@@ -161,3 +161,9 @@ pub fn tab_reload(user: &str, tab: u32, status: u16) {
 pub fn world_proxy_crash(reason: &str) {
     tracing::error!(target: "tavernsim::ev", kind = "world.proxy_crash", reason);
 }
+
+/// The link between the proxy and the upstream changed (a scheduled fault
+/// began or ended).
+pub fn world_link(partitioned: bool, held: bool) {
+    tracing::warn!(target: "tavernsim::ev", kind = "world.link", partitioned, held);
+}

@@ -8,8 +8,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use tavernsim::proxy::Variant;
-use tavernsim::sim::campaign::{self, CampaignSpec, NamedScenario, Report};
+use tavernsim::sim::artifacts::{ArtifactOptions, save_findings};
+use tavernsim::sim::campaign::{self, CampaignSpec, NamedScenario, Report, Shard};
 use tavernsim::sim::scenario::{EMBEDDED, Scenario};
+use tavernsim::sim::schedule::{SavedSchedule, ShrinkBudget};
 use tavernsim::sim::trace::to_json_lines;
 use tavernsim::sim::world::{WorldSpec, run_world};
 
@@ -44,8 +46,12 @@ enum Command {
     /// usage, 3 when the harness itself failed on a seed.
     #[command(after_help = FUZZ_AFTER_HELP)]
     Fuzz(FuzzArgs),
-    /// Run one world again and print its verdict and trace hash.
+    /// Run one world again (a saved schedule, or a seed of a scenario) and
+    /// print its verdict and trace hash.
     Replay(ReplayArgs),
+    /// Combine the JSON reports of a campaign's shards (`fuzz --shard I/N
+    /// --format json`) into one report. Exit status as for fuzz.
+    Merge(MergeArgs),
     /// Print what the proxy decides for one upstream answer (or for every
     /// case of a fixtures file), as JSON:
     /// {"decision":"retry"|"backoff"|"give-up"|"success","wait_ms":N|null,"reason":"..."}
@@ -286,7 +292,14 @@ struct ClassifyArgs {
 }
 
 const FUZZ_AFTER_HELP: &str = "Embedded scenarios: refresh-during-retry, streaming-refresh, burst-429, one-user-floods.\n\
-Each violation prints a replay command; run it as `cargo run --release -- replay ...`.";
+Aimed scenarios (by name): logout-during-retry, refresh-during-attempt.\n\
+\n\
+Each violation's schedule is shrunk to the fewest actions that still break the same\n\
+invariant and saved under --out with its trace; the printed command replays it:\n\
+  tavernsim replay --schedule tavernsim-out/<scenario>-seed<N>-<invariant>.schedule.json\n\
+\n\
+A campaign over a CI matrix: run `fuzz --shard i/n --format json > shard-i.json` on\n\
+each machine, then `tavernsim merge shard-*.json`.";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
@@ -296,9 +309,13 @@ enum Format {
 
 #[derive(Parser)]
 struct FuzzArgs {
-    /// Seeds to run per scenario.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    seeds: u64,
+    /// Seeds to run per scenario (default 200; unbounded with --time).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    seeds: Option<u64>,
+    /// Run for this long (90s, 2m, 1h) instead of a number of seeds; with
+    /// --seeds too, whichever ends first.
+    #[arg(long, value_name = "DURATION", value_parser = tavernsim::probe::parse_duration)]
+    time: Option<std::time::Duration>,
     /// First seed.
     #[arg(long, default_value_t = 0)]
     seed_start: u64,
@@ -313,31 +330,73 @@ struct FuzzArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     jobs: Option<u64>,
-    /// Keep running every seed after a violation instead of stopping.
+    /// Run every seed and report every distinct violation (by invariant and
+    /// scenario, with how many worlds showed it) instead of stopping at the first.
     #[arg(long)]
     keep_going: bool,
+    /// Run only shard I of N (`--shard 2/8`): seeds seed-start+I, +I+N, +I+2N, ...
+    /// Combine the shards' JSON reports with `tavernsim merge`.
+    #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+    shard: Option<Shard>,
+    /// Run every world twice and report a `nondeterminism` violation, with the
+    /// first event that differs, when the two traces do not match.
+    #[arg(long)]
+    check_determinism: bool,
+    /// Directory for the artifacts: per violation its shrunk schedule (JSON) and
+    /// trace (JSON lines), and report.json. Created when needed.
+    #[arg(long, value_name = "DIR", default_value = "tavernsim-out")]
+    out: PathBuf,
+    /// Save each violation's schedule as the seed gave it, without shrinking.
+    #[arg(long)]
+    no_shrink: bool,
+    /// Worlds run at most while shrinking one violation.
+    #[arg(long, value_name = "N", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    shrink_runs: u32,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }
 
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    s.parse()
+}
+
 #[derive(Parser)]
+#[command(after_help = REPLAY_AFTER_HELP)]
 struct ReplayArgs {
-    /// The seed to replay.
-    #[arg(long)]
-    seed: u64,
+    /// A schedule saved by `fuzz` (under its --out directory): runs exactly that
+    /// schedule, with the seed, scenario and variant recorded in it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["seed", "scenario"])]
+    schedule: Option<PathBuf>,
+    /// The seed to replay (with --scenario).
+    #[arg(long, required_unless_present = "schedule")]
+    seed: Option<u64>,
     /// The scenario name or file the seed ran with.
-    #[arg(long, value_name = "NAME|FILE")]
-    scenario: String,
-    /// The proxy variant the seed ran against.
-    #[arg(long, default_value = "fixed", value_parser = parse_variant)]
-    variant: Variant,
+    #[arg(long, value_name = "NAME|FILE", required_unless_present = "schedule")]
+    scenario: Option<String>,
+    /// The proxy variant to run against (default: fixed, or the one a
+    /// --schedule file names; give `fixed` to check a fix against a saved schedule).
+    #[arg(long, value_parser = parse_variant)]
+    variant: Option<Variant>,
     /// Write the world's events to FILE as JSON lines.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
     /// Fail (exit 1) unless the trace hash is exactly this.
     #[arg(long, value_name = "HASH")]
     expect_hash: Option<String>,
+}
+
+const REPLAY_AFTER_HELP: &str = "Exit status: 0 when the world ran clean, 1 when an invariant broke (or the\n\
+trace hash differs from --expect-hash), 2 for bad usage or an unreadable file.";
+
+#[derive(Parser)]
+struct MergeArgs {
+    /// JSON reports of `fuzz --shard I/N --format json`, one per shard.
+    #[arg(required = true, value_name = "REPORT")]
+    reports: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 fn parse_variant(s: &str) -> Result<Variant, String> {
@@ -369,6 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Fuzz(args) => fuzz(args),
         Command::Replay(args) => replay(args),
+        Command::Merge(args) => merge(args),
         Command::Classify(args) => classify(args),
         Command::Probe(args) => probe(args),
         Command::MockUpstream(args) => mock_upstream(args),
@@ -574,19 +634,59 @@ fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
+    let seeds = match (args.seeds, args.time) {
+        (Some(n), _) => n,
+        (None, Some(_)) => 10_000_000,
+        (None, None) => 200,
+    };
+    let text = matches!(args.format, Format::Text);
     let spec = CampaignSpec {
         scenarios,
         variant: args.variant,
         seed_start: args.seed_start,
-        seeds: args.seeds,
+        seeds,
         jobs,
         stop_on_first: !args.keep_going,
-        progress: matches!(args.format, Format::Text),
+        progress: text,
+        shard: args.shard.unwrap_or_default(),
+        check_determinism: args.check_determinism,
     };
-    let report = campaign::run(&spec);
+    let deadline = args.time.map(|t| std::time::Instant::now() + t);
+    let mut report = campaign::run_until(&spec, &|_| true, deadline);
+    let opts = ArtifactOptions {
+        out: args.out.clone(),
+        shrink: !args.no_shrink,
+        budget: ShrinkBudget {
+            runs_max: args.shrink_runs,
+            ..ShrinkBudget::default()
+        },
+    };
+    let tty = text && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    save_findings(&spec, &mut report, &opts, &mut |line| {
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        }
+    })
+    .with_context(|| {
+        format!(
+            "could not save the violations' schedules under {}; give --out DIR with a writable directory",
+            opts.out.display()
+        )
+    })?;
+    if tty && !report.violations.is_empty() {
+        eprint!("\r\x1b[2K");
+    }
+    if !report.violations.is_empty() || args.out.exists() {
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(
+            args.out.join("report.json"),
+            serde_json::to_string_pretty(&report)?,
+        )
+        .with_context(|| format!("could not write {}/report.json", args.out.display()))?;
+    }
     match args.format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Text => print_text(&spec, &report),
+        Format::Text => print_report(&report, spec.stop_on_first),
     }
     if !report.harness_errors.is_empty() {
         return Ok(ExitCode::from(3));
@@ -598,19 +698,19 @@ fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn print_text(spec: &CampaignSpec, r: &Report) {
-    let names: Vec<&str> = spec
-        .scenarios
-        .iter()
-        .map(|s| s.scenario.name.as_str())
-        .collect();
+fn print_report(r: &Report, stopped_on_first: bool) {
     outln!(
-        "variant {}: {} seeds of {} in {:.1}s ({:.1} seeds/s, {:.0} simulated seconds, {:.0}x real time)",
+        "variant {}: {} seeds of {}{} in {:.1}s ({:.1} seeds/s, {:.0} simulated seconds, {:.0}x real time)",
         r.variant,
         r.seeds_run,
-        names.join(", "),
+        r.scenarios.join(", "),
+        if r.shard.count > 1 {
+            format!(" (shard {})", r.shard)
+        } else {
+            String::new()
+        },
         r.wall_seconds,
-        r.seeds_per_second(),
+        r.seeds_per_second,
         r.sim_seconds,
         if r.wall_seconds > 0.0 {
             r.sim_seconds / r.wall_seconds
@@ -631,39 +731,76 @@ fn print_text(spec: &CampaignSpec, r: &Report) {
         outln!("clean: no invariant broke");
         return;
     }
-    outln!("{} violations:", r.violations.len());
+    outln!("{} distinct violations:", r.violations.len());
     for v in &r.violations {
         outln!(
-            "\nseed {} scenario {} variant {}: {}",
+            "\nseed {} scenario {} variant {}: {}{}",
             v.seed,
             v.scenario,
             r.variant,
-            v.invariant
+            v.invariant,
+            if v.worlds > 1 {
+                format!(" (in {} worlds)", v.worlds)
+            } else {
+                String::new()
+            }
         );
         outln!("  {}", v.message);
+        if let Some((before, after)) = v.actions {
+            outln!("  schedule: {after} actions (shrunk from {before})");
+        }
         outln!("  replay: {}", v.replay);
     }
-    if spec.stop_on_first {
+    if stopped_on_first {
         outln!("\n(stopped at the first violating seed; --keep-going runs every seed)");
     }
 }
 
 fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let scenario = Scenario::load(&args.scenario).map_err(anyhow::Error::msg)?;
-    let run = run_world(&WorldSpec {
-        seed: args.seed,
-        scenario: Arc::new(scenario),
-        variant: args.variant,
-    });
+    let (seed, origin, scenario, variant, schedule, saved) = match &args.schedule {
+        Some(path) => {
+            let saved = SavedSchedule::load(path).map_err(|e| {
+                anyhow::anyhow!("{e}\n(a schedule file is what `tavernsim fuzz` saves under its --out directory)")
+            })?;
+            let recorded: anyhow::Result<Variant> = saved.variant.parse().map_err(|e: String| {
+                anyhow::anyhow!("{}: variant {e}; give --variant", path.display())
+            });
+            let variant = match (args.variant, recorded) {
+                (Some(v), _) => v,
+                (None, Ok(v)) => v,
+                (None, Err(e)) => return Err(e),
+            };
+            (
+                saved.seed,
+                saved.scenario_origin.clone(),
+                saved.scenario(),
+                variant,
+                Some(Arc::new(saved.schedule.clone())),
+                Some(saved),
+            )
+        }
+        None => {
+            let (Some(seed), Some(name)) = (args.seed, args.scenario.clone()) else {
+                anyhow::bail!("give --schedule FILE, or --seed N with --scenario NAME|FILE");
+            };
+            let scenario = Scenario::load(&name).map_err(anyhow::Error::msg)?;
+            let variant = args.variant.unwrap_or(Variant::Fixed);
+            (seed, name, Arc::new(scenario), variant, None, None)
+        }
+    };
+    let mut world = WorldSpec::new(seed, scenario, variant);
+    world.schedule = schedule;
+    let run = run_world(&world);
     if let Some(path) = &args.trace {
         std::fs::write(path, to_json_lines(&run.events))
             .with_context(|| format!("could not write the trace to {}", path.display()))?;
     }
     outln!(
-        "seed {} scenario {} variant {}: {} events, {:.3} simulated seconds, ended {:?}",
-        args.seed,
-        args.scenario,
-        args.variant,
+        "seed {seed} scenario {origin} variant {variant}{}: {} events, {:.3} simulated seconds, ended {:?}",
+        match &saved {
+            Some(s) => format!(" (saved schedule, {} actions)", s.schedule.actions()),
+            None => String::new(),
+        },
         run.events.len(),
         run.sim_ms as f64 / 1000.0,
         run.end
@@ -684,6 +821,23 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         );
     }
     outln!("trace hash: {}", run.trace_hash);
+    if let Some(saved) = &saved
+        && !saved.invariant.is_empty()
+        && saved.variant == variant.to_string()
+    {
+        if run
+            .violations
+            .iter()
+            .any(|v| v.invariant == saved.invariant)
+        {
+            outln!("reproduced: {} broke again", saved.invariant);
+        } else {
+            outln!(
+                "NOT reproduced: the schedule was saved when it broke {}; this build does not break it",
+                saved.invariant
+            );
+        }
+    }
     if let Some(expected) = &args.expect_hash {
         if *expected != run.trace_hash {
             outln!(
@@ -694,6 +848,50 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         outln!("trace hash matches");
     }
     Ok(if run.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
+    let mut reports = Vec::new();
+    for path in &args.reports {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        anyhow::ensure!(
+            meta.len() <= 256 * 1024 * 1024,
+            "{}: larger than 256 MiB; is it a fuzz report?",
+            path.display()
+        );
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let report: Report = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a fuzz report (write one with `tavernsim fuzz --shard I/N --format json > FILE`)",
+                path.display()
+            )
+        })?;
+        reports.push(report);
+    }
+    let missing = campaign::missing_shards(&reports);
+    let merged = campaign::merge(reports).map_err(anyhow::Error::msg)?;
+    match args.format {
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&merged)?),
+        Format::Text => print_report(&merged, merged.violations.len() <= 1),
+    }
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|i| i.to_string()).collect();
+        eprintln!(
+            "tavernsim: warning: shards {} of {} are missing: the merged report covers part of the seed space",
+            list.join(", "),
+            merged.shard.count
+        );
+    }
+    if !merged.harness_errors.is_empty() {
+        return Ok(ExitCode::from(3));
+    }
+    Ok(if merged.violations.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -33,6 +33,7 @@ fn campaign(variant: Variant, scenarios: Vec<NamedScenario>, stop_on_first: bool
             .unwrap_or(2),
         stop_on_first,
         progress: false,
+        ..CampaignSpec::default()
     })
 }
 
@@ -113,11 +114,7 @@ fn a_seed_replayed_gives_the_same_trace_hash() {
     for variant in Variant::ALL {
         for named in &scenarios {
             for seed in [0, 7, 42] {
-                let spec = WorldSpec {
-                    seed,
-                    scenario: Arc::clone(&named.scenario),
-                    variant,
-                };
+                let spec = WorldSpec::new(seed, Arc::clone(&named.scenario), variant);
                 let (a, b) = (run_world(&spec), run_world(&spec));
                 assert!(!a.events.is_empty());
                 assert_eq!(
@@ -134,16 +131,8 @@ fn a_seed_replayed_gives_the_same_trace_hash() {
 #[test]
 fn different_seeds_give_different_worlds() {
     let scenario = Arc::new(Scenario::load("refresh-during-retry").unwrap());
-    let a = run_world(&WorldSpec {
-        seed: 1,
-        scenario: Arc::clone(&scenario),
-        variant: Variant::Fixed,
-    });
-    let b = run_world(&WorldSpec {
-        seed: 2,
-        scenario,
-        variant: Variant::Fixed,
-    });
+    let a = run_world(&WorldSpec::new(1, Arc::clone(&scenario), Variant::Fixed));
+    let b = run_world(&WorldSpec::new(2, scenario, Variant::Fixed));
     assert_ne!(a.trace_hash, b.trace_hash);
     assert_eq!(a.end, EndReason::Quiescent);
 }
@@ -155,11 +144,7 @@ fn the_fixed_proxy_is_actually_exercised() {
     let scenario = Arc::new(Scenario::load("refresh-during-retry").unwrap());
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
     for seed in 0..20 {
-        let run = run_world(&WorldSpec {
-            seed,
-            scenario: Arc::clone(&scenario),
-            variant: Variant::Fixed,
-        });
+        let run = run_world(&WorldSpec::new(seed, Arc::clone(&scenario), Variant::Fixed));
         for e in &run.events {
             let key = match e.kind.as_str() {
                 "attempt.end" => format!("attempt.end:{}", e.str("decision")),

@@ -121,6 +121,7 @@ fn fixed_proxy_is_clean_on_every_planned_scenario() {
         jobs: jobs(),
         stop_on_first: false,
         progress: false,
+        ..CampaignSpec::default()
     });
     assert!(
         report.harness_errors.is_empty(),
@@ -142,11 +143,11 @@ fn fixed_proxy_is_clean_on_every_planned_scenario() {
 #[test]
 fn a_mutant_world_replays_to_the_same_trace_hash() {
     for m in [Mutant::SlotReuseNoGeneration, Mutant::CancelMissedBeforeArm] {
-        let spec = WorldSpec {
-            seed: 1,
-            scenario: Arc::new(Scenario::load(plan(m).scenario).unwrap()),
-            variant: Variant::Mutant(m),
-        };
+        let spec = WorldSpec::new(
+            1,
+            Arc::new(Scenario::load(plan(m).scenario).unwrap()),
+            Variant::Mutant(m),
+        );
         let (a, b) = (run_world(&spec), run_world(&spec));
         assert_eq!(
             a.trace_hash,

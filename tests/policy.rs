@@ -15,11 +15,7 @@ fn scenario(name: &str) -> Scenario {
 }
 
 fn run(sc: &Scenario, seed: u64, variant: Variant) -> WorldRun {
-    run_world(&WorldSpec {
-        seed,
-        scenario: Arc::new(sc.clone()),
-        variant,
-    })
+    run_world(&WorldSpec::new(seed, Arc::new(sc.clone()), variant))
 }
 
 /// The invariants broken over `seeds`, each with the first seed that broke it.

@@ -26,6 +26,7 @@ use crate::proxy::Dialect;
 use crate::sim::browser::{TabSpec, run_tab};
 use crate::sim::oracle::{self, Ending, Grace};
 use crate::sim::scenario::Scenario;
+use crate::sim::schedule::tab_plan;
 use crate::sim::trace::{Event, Live, Recorder, TraceLayer, to_json_lines};
 use crate::sim::world::derive_seed;
 use crate::upstream::{self, MockUpstream};
@@ -221,15 +222,19 @@ async fn drive(spec: &ProbeSpec) -> anyhow::Result<Outcome> {
             password,
             bearer,
             tab: t,
-            seed: derive_seed(spec.seed, 1_000 + u64::from(t)),
             upstream_url: upstream_url.clone(),
-            generations: Some(per_tab),
             stop_at: Some(stop_at),
             notes: Some(notes.clone()),
         };
+        let plan = tab_plan(
+            &spec.scenario,
+            derive_seed(spec.seed, 1_000 + u64::from(t)),
+            t,
+            per_tab,
+        );
         let sc = Arc::clone(&spec.scenario);
         handles.push(tokio::spawn(async move {
-            run_tab(tab, sc).await.map_err(|e| e.to_string())
+            run_tab(tab, plan, sc).await.map_err(|e| e.to_string())
         }));
     }
     // Tabs stop starting generations at `time`; one in flight may take its

@@ -6,7 +6,7 @@
 //! (`p_logout`: a second connection posts the logout; the tab keeps waiting
 //! for the answer, then signs in again).
 //!
-//! Every choice comes from the tab's own generator, derived from the seed.
+//! Every choice comes from the tab's part of the world's schedule.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +15,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use super::scenario::Scenario;
+use super::schedule::{GenPlan, RefreshPlan, TabPlan};
 use crate::events;
 use crate::net::{Stream, Transport};
 use crate::proxy::Dialect;
@@ -44,11 +43,8 @@ pub struct TabSpec {
     pub password: String,
     pub bearer: Option<String>,
     pub tab: u32,
-    pub seed: u64,
     /// The upstream the generation names (SillyTavern's `custom_url`).
     pub upstream_url: String,
-    /// Generations to send (default: the scenario's `generations_per_tab`).
-    pub generations: Option<u32>,
     /// No new generation starts after this.
     pub stop_at: Option<tokio::time::Instant>,
     /// The mock's notes, for refreshes aimed at "just after a 429".
@@ -62,7 +58,6 @@ impl TabSpec {
         user: String,
         password: String,
         tab: u32,
-        seed: u64,
         upstream_url: String,
     ) -> Self {
         Self {
@@ -74,9 +69,7 @@ impl TabSpec {
             password,
             bearer: None,
             tab,
-            seed,
             upstream_url,
-            generations: None,
             stop_at: None,
             notes: None,
         }
@@ -209,26 +202,25 @@ async fn exchange(
 }
 
 /// Runs one tab to the end of its plan.
-pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std::error::Error>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+pub async fn run_tab(
+    spec: TabSpec,
+    plan: TabPlan,
+    sc: Arc<Scenario>,
+) -> Result<(), Box<dyn std::error::Error>> {
     // Let the servers bind before the first page load.
-    tokio::time::sleep(Duration::from_millis(rng.random_range(10..=200))).await;
+    tokio::time::sleep(Duration::from_millis(plan.start_ms)).await;
     let Some(mut session) = sign_in(&spec).await else {
         return Ok(());
     };
-    let mut resend = false;
-    for g in 0..spec.generations.unwrap_or(sc.generations_per_tab) {
+    for g in &plan.generations {
         if spec
             .stop_at
             .is_some_and(|t| tokio::time::Instant::now() >= t)
         {
             break;
         }
-        if !resend {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..=sc.think_ms_max))).await;
-        }
-        let plan = Plan::draw(&spec, &sc, &mut rng, g);
-        resend = false;
+        tokio::time::sleep(Duration::from_millis(g.think_ms)).await;
+        let plan = Plan::of(&spec, g);
         let (sent, logged_out) =
             with_logout(&spec, &session, &plan, send(&spec, &sc, &session, &plan)).await;
         match sent {
@@ -245,12 +237,10 @@ pub async fn run_tab(spec: TabSpec, sc: Arc<Scenario>) -> Result<(), Box<dyn std
             Sent::Refreshed => {
                 // The select dropped the request future: the connection is gone.
                 events::tab_abandon(&spec.user, spec.tab, &plan.fp);
-                let load = rng.random_range(sc.page_load_ms_min..=sc.page_load_ms_max);
-                tokio::time::sleep(Duration::from_millis(load)).await;
+                tokio::time::sleep(Duration::from_millis(g.page_load_ms)).await;
                 if !reload(&spec, &mut session).await {
                     return Ok(());
                 }
-                resend = rng.random_bool(sc.p_resend);
             }
         }
         if logged_out {
@@ -294,48 +284,21 @@ async fn with_logout<T>(
     }
 }
 
-/// One generation: what it says and how the tab will treat it.
+/// One generation as the tab sends it.
 struct Plan {
     fp: String,
     stream: bool,
     body: Value,
-    refresh: Refresh,
+    refresh: Option<RefreshPlan>,
     /// Log out this long after sending (SillyTavern only).
     logout_after_ms: Option<u64>,
 }
 
-enum Refresh {
-    Never,
-    /// Drop the connection this long after sending.
-    After(u64),
-    /// Drop it just after the mock answered this request with a 429.
-    After429,
-}
-
 impl Plan {
-    fn draw(spec: &TabSpec, sc: &Scenario, rng: &mut ChaCha8Rng, g: u32) -> Self {
-        let content = format!(
-            "{} tab {} generation {} nonce {:016x}",
-            spec.user,
-            spec.tab,
-            g,
-            rng.random::<u64>()
-        );
-        let messages = json!([{"role": "user", "content": content}]);
+    fn of(spec: &TabSpec, g: &GenPlan) -> Self {
+        let messages = g.messages(&spec.user, spec.tab);
         let fp = fingerprint(&messages);
-        let stream = rng.random_bool(sc.p_stream);
-        let refresh = if !rng.random_bool(sc.p_refresh) {
-            Refresh::Never
-        } else if spec.notes.is_some() && rng.random_bool(sc.p_aim_after_429) {
-            Refresh::After429
-        } else {
-            Refresh::After(log_uniform_ms(rng, sc.refresh_after_ms_max))
-        };
-        // Drawn only when the scenario logs out, so other seeds replay as before.
-        let logout_after_ms = (spec.dialect == Dialect::SillyTavern
-            && sc.p_logout > 0.0
-            && rng.random_bool(sc.p_logout))
-        .then(|| log_uniform_ms(rng, sc.logout_after_ms_max));
+        let stream = g.stream;
         let body = match spec.dialect {
             Dialect::SillyTavern => {
                 json!({"messages": messages, "model": "mock-1", "stream": stream,
@@ -347,8 +310,10 @@ impl Plan {
             fp,
             stream,
             body,
-            refresh,
-            logout_after_ms,
+            refresh: g.refresh,
+            logout_after_ms: g
+                .logout_after_ms
+                .filter(|_| spec.dialect == Dialect::SillyTavern),
         }
     }
 }
@@ -378,13 +343,13 @@ async fn send(spec: &TabSpec, sc: &Scenario, session: &Login, plan: &Plan) -> Se
 
 /// Resolves when the planned refresh should happen; never without one.
 async fn refresh_moment(
-    refresh: &Refresh,
+    refresh: &Option<RefreshPlan>,
     fp: &str,
     notes: Option<tokio::sync::broadcast::Receiver<MockNote>>,
 ) {
     match (refresh, notes) {
-        (Refresh::After(ms), _) => tokio::time::sleep(Duration::from_millis(*ms)).await,
-        (Refresh::After429, Some(mut rx)) => loop {
+        (Some(RefreshPlan::AfterMs(ms)), _) => tokio::time::sleep(Duration::from_millis(*ms)).await,
+        (Some(RefreshPlan::After429), Some(mut rx)) => loop {
             match rx.recv().await {
                 Ok(n) if n.fp == fp && n.status == 429 => {
                     // Just after the answer left the mock: the proxy is
@@ -425,15 +390,6 @@ async fn reload(spec: &TabSpec, session: &mut Login) -> bool {
             false
         }
     }
-}
-
-/// A delay between 10 ms and `max_ms`, uniform in its logarithm: refreshes
-/// land as often in the first second (a fast retry) as in the last minute
-/// (a long backoff).
-fn log_uniform_ms(rng: &mut ChaCha8Rng, max_ms: u64) -> u64 {
-    let (lo, hi) = (10f64, (max_ms as f64).max(11.0));
-    let x: f64 = rng.random_range(lo.ln()..hi.ln());
-    x.exp() as u64
 }
 
 /// Logs in, then fetches the session's CSRF token.

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::scenario::Scenario;
+use super::trace::Event;
 use super::world::{EndReason, WorldSpec, run_world};
 use crate::proxy::Variant;
 
@@ -31,31 +32,106 @@ pub struct CampaignSpec {
     pub scenarios: Vec<NamedScenario>,
     pub variant: Variant,
     pub seed_start: u64,
-    /// Seeds per scenario.
+    /// Seeds per scenario (in this shard: the seed space is split).
     pub seeds: u64,
     pub jobs: usize,
     /// Stop at the first violating world (after the ones in flight end).
     pub stop_on_first: bool,
     /// Draw a progress bar (on a terminal only).
     pub progress: bool,
+    /// This campaign runs the seeds `seed_start + shard.index + k *
+    /// shard.count` only.
+    pub shard: Shard,
+    /// Run every world twice and compare the traces.
+    pub check_determinism: bool,
+}
+
+impl Default for CampaignSpec {
+    fn default() -> Self {
+        Self {
+            scenarios: Vec::new(),
+            variant: Variant::Fixed,
+            seed_start: 0,
+            seeds: 200,
+            jobs: 1,
+            stop_on_first: true,
+            progress: false,
+            shard: Shard::default(),
+            check_determinism: false,
+        }
+    }
+}
+
+/// One part of a campaign split over several machines: `index/count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not a shard; write i/n with 0 <= i < n, e.g. 0/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u64, u64) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count || count > 1_000_000 {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 /// One violation found, with everything needed to replay it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct Finding {
     pub seed: u64,
     pub scenario: String,
+    /// How the scenario was named (a name or a path): what replays it.
+    #[serde(default)]
+    pub origin: String,
     pub invariant: String,
     pub message: String,
     pub trace_hash: String,
     pub replay: String,
+    /// Worlds of the campaign that broke this invariant in this scenario
+    /// (with `--keep-going`; the finding is the first of them).
+    #[serde(default = "one")]
+    pub worlds: u64,
+    /// The shrunk schedule saved for it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_file: Option<String>,
+    /// Actions in the seed's schedule and in the shrunk one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actions: Option<(usize, usize)>,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// The campaign's result.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Report {
     pub variant: String,
     pub seeds_run: u64,
+    /// Distinct violations (by invariant and scenario), each with the first
+    /// world that showed it.
     pub violations: Vec<Finding>,
     pub wall_seconds: f64,
     pub sim_seconds: f64,
@@ -64,6 +140,14 @@ pub struct Report {
     /// Refreshes per phase of the refreshed request, over every world run.
     pub coverage: std::collections::BTreeMap<String, u64>,
     pub seeds_per_second: f64,
+    /// The part of the seed space this report covers.
+    #[serde(default)]
+    pub shard: Shard,
+    #[serde(default)]
+    pub seed_start: u64,
+    /// The scenarios run, as named.
+    #[serde(default)]
+    pub scenarios: Vec<String>,
 }
 
 impl Report {
@@ -105,6 +189,18 @@ pub fn run(spec: &CampaignSpec) -> Report {
     run_until(spec, &|_| true, None)
 }
 
+/// The scenario and seed of the `index`th world: scenarios take turns, so
+/// a campaign cut short by time has run each about equally.
+pub fn world_at(spec: &CampaignSpec, index: usize) -> (&NamedScenario, u64) {
+    let n = spec.scenarios.len().max(1);
+    let k = (index / n) as u64;
+    let seed = spec
+        .seed_start
+        .wrapping_add(spec.shard.index)
+        .wrapping_add(k.wrapping_mul(spec.shard.count));
+    (&spec.scenarios[index % n], seed)
+}
+
 /// Runs a campaign that, with `stop_on_first`, stops at the first world with
 /// a finding `stops` accepts (`run` accepts any), and hands out no new world
 /// after `deadline`.
@@ -114,9 +210,8 @@ pub fn run_until(
     deadline: Option<Instant>,
 ) -> Report {
     let started = Instant::now();
-    let per = spec.seeds as usize;
-    let total = per * spec.scenarios.len();
-    let bar = progress_bar(spec.progress, total as u64);
+    let total = (spec.seeds as usize).saturating_mul(spec.scenarios.len());
+    let bar = progress_bar(spec.progress, deadline.is_none().then_some(total as u64));
     let next = AtomicUsize::new(0);
     // With stop_on_first: the lowest violating index so far. Indices below it
     // still run (they were handed out first), so the report names the same
@@ -135,7 +230,7 @@ pub fn run_until(
                     {
                         break;
                     }
-                    let outcome = run_one(spec, index, per);
+                    let outcome = run_one(spec, index);
                     if !outcome.findings.is_empty() {
                         let n = violations_seen
                             .fetch_add(outcome.findings.len(), Ordering::Relaxed)
@@ -168,12 +263,13 @@ pub fn run_until(
         super::coverage::add(&mut coverage, &o.coverage);
     }
     let wall_seconds = started.elapsed().as_secs_f64();
+    let seeds_run = outcomes.len() as u64;
     Report {
         variant: spec.variant.to_string(),
-        seeds_run: outcomes.len() as u64,
+        seeds_run,
         coverage,
         seeds_per_second: if wall_seconds > 0.0 {
-            outcomes.len() as f64 / wall_seconds
+            seeds_run as f64 / wall_seconds
         } else {
             0.0
         },
@@ -182,9 +278,105 @@ pub fn run_until(
             .iter()
             .filter_map(|o| o.harness_error.clone())
             .collect(),
-        violations: outcomes.into_iter().flat_map(|o| o.findings).collect(),
+        violations: distinct(outcomes.into_iter().flat_map(|o| o.findings)),
         wall_seconds,
+        shard: spec.shard,
+        seed_start: spec.seed_start,
+        scenarios: spec.scenarios.iter().map(|s| s.origin.clone()).collect(),
     }
+}
+
+/// Keeps the first finding of each (scenario, invariant), counting the
+/// worlds that repeated it; order of first appearance.
+fn distinct(findings: impl IntoIterator<Item = Finding>) -> Vec<Finding> {
+    let mut out: Vec<Finding> = Vec::new();
+    let mut at = std::collections::BTreeMap::<(String, String), usize>::new();
+    for f in findings {
+        let key = (f.scenario.clone(), f.invariant.clone());
+        match at.get(&key) {
+            Some(&i) => out[i].worlds += f.worlds,
+            None => {
+                at.insert(key, out.len());
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
+/// Combines the reports of a campaign's shards into one. The shards must
+/// have run the same variant, scenarios and seed space, and be distinct.
+pub fn merge(reports: Vec<Report>) -> Result<Report, String> {
+    let Some(first) = reports.first().cloned() else {
+        return Err("no reports to merge".into());
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &reports {
+        if (
+            r.variant.as_str(),
+            &r.scenarios,
+            r.seed_start,
+            r.shard.count,
+        ) != (
+            first.variant.as_str(),
+            &first.scenarios,
+            first.seed_start,
+            first.shard.count,
+        ) {
+            return Err(format!(
+                "shard {} ran {} on {:?} from seed {} in {} shards, unlike shard {} ({} on {:?} from seed {} in {} shards): merge reports of one campaign",
+                r.shard,
+                r.variant,
+                r.scenarios,
+                r.seed_start,
+                r.shard.count,
+                first.shard,
+                first.variant,
+                first.scenarios,
+                first.seed_start,
+                first.shard.count
+            ));
+        }
+        if !seen.insert(r.shard.index) {
+            return Err(format!("shard {} is given twice", r.shard));
+        }
+    }
+    let mut merged = first.clone();
+    merged.seeds_run = reports.iter().map(|r| r.seeds_run).sum();
+    merged.sim_seconds = reports.iter().map(|r| r.sim_seconds).sum();
+    // Shards run side by side: the campaign took as long as the slowest.
+    merged.wall_seconds = reports.iter().map(|r| r.wall_seconds).fold(0.0, f64::max);
+    merged.seeds_per_second = reports.iter().map(|r| r.seeds_per_second).sum();
+    merged.harness_errors = reports
+        .iter()
+        .flat_map(|r| r.harness_errors.clone())
+        .collect();
+    merged.coverage = std::collections::BTreeMap::new();
+    for r in &reports {
+        super::coverage::add(&mut merged.coverage, &r.coverage);
+    }
+    let mut all: Vec<Finding> = reports.into_iter().flat_map(|r| r.violations).collect();
+    all.sort_by(|a, b| (&a.scenario, a.seed).cmp(&(&b.scenario, b.seed)));
+    merged.violations = distinct(all);
+    merged.shard = Shard {
+        index: 0,
+        count: if seen.len() as u64 == first.shard.count {
+            1
+        } else {
+            first.shard.count
+        },
+    };
+    Ok(merged)
+}
+
+/// Shards of `count` missing from `reports`.
+pub fn missing_shards(reports: &[Report]) -> Vec<u64> {
+    let Some(first) = reports.first() else {
+        return Vec::new();
+    };
+    (0..first.shard.count)
+        .filter(|i| !reports.iter().any(|r| r.shard.index == *i))
+        .collect()
 }
 
 /// Runs `seeds` seeds of each scenario against `variant` over `jobs`
@@ -209,11 +401,8 @@ pub fn map_worlds<T: Send>(
                         break;
                     }
                     let (named, seed) = (&scenarios[index / per], (index % per) as u64);
-                    let run = run_world(&WorldSpec {
-                        seed,
-                        scenario: Arc::clone(&named.scenario),
-                        variant,
-                    });
+                    let run =
+                        run_world(&WorldSpec::new(seed, Arc::clone(&named.scenario), variant));
                     let t = f(named, seed, &run);
                     out.lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -227,27 +416,40 @@ pub fn map_worlds<T: Send>(
     out.into_iter().map(|(_, t)| t).collect()
 }
 
-fn run_one(spec: &CampaignSpec, index: usize, per: usize) -> Outcome {
-    let named = &spec.scenarios[index / per];
-    let seed = spec.seed_start.wrapping_add((index % per) as u64);
-    let run = run_world(&WorldSpec {
-        seed,
-        scenario: Arc::clone(&named.scenario),
-        variant: spec.variant,
-    });
+fn run_one(spec: &CampaignSpec, index: usize) -> Outcome {
+    let (named, seed) = world_at(spec, index);
+    let world = WorldSpec::new(seed, Arc::clone(&named.scenario), spec.variant);
+    let run = run_world(&world);
     let hash = run.trace_hash.clone();
-    let findings = run
+    let finding = |invariant: &str, message: String| Finding {
+        seed,
+        scenario: named.scenario.name.clone(),
+        origin: named.origin.clone(),
+        invariant: invariant.to_string(),
+        message,
+        trace_hash: hash.clone(),
+        replay: replay_command(seed, &named.origin, spec.variant, &hash),
+        worlds: 1,
+        schedule_file: None,
+        actions: None,
+    };
+    let mut findings: Vec<Finding> = run
         .violations
         .iter()
-        .map(|v| Finding {
-            seed,
-            scenario: named.scenario.name.clone(),
-            invariant: v.invariant.to_string(),
-            message: v.message.clone(),
-            trace_hash: hash.clone(),
-            replay: replay_command(seed, &named.origin, spec.variant, &hash),
-        })
+        .map(|v| finding(v.invariant, v.message.clone()))
         .collect();
+    if spec.check_determinism {
+        let again = run_world(&world);
+        if let Some(diff) = first_difference(&run.events, &again.events) {
+            findings.push(finding(
+                "nondeterminism",
+                format!(
+                    "the same seed ran twice gave trace hashes {} and {}; {diff}",
+                    run.trace_hash, again.trace_hash
+                ),
+            ));
+        }
+    }
     let harness_error = (run.end == EndReason::HarnessError).then(|| {
         format!(
             "seed {seed} of {}: {}",
@@ -264,15 +466,48 @@ fn run_one(spec: &CampaignSpec, index: usize, per: usize) -> Outcome {
     }
 }
 
-fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
+/// Where two runs of one world first differ, said so a reader can find it
+/// in both traces; `None` when they are the same.
+pub fn first_difference(a: &[Event], b: &[Event]) -> Option<String> {
+    let shown = |e: Option<&Event>| match e {
+        Some(e) => format!(
+            "{} at {:.6}s on {} {}",
+            e.kind,
+            e.t_us as f64 / 1e6,
+            if e.host.is_empty() { "-" } else { &e.host },
+            serde_json::to_string(&e.fields).unwrap_or_default()
+        ),
+        None => "the end of the trace".into(),
+    };
+    let i = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))?;
+    Some(format!(
+        "first difference at event {i}: {} against {}",
+        shown(a.get(i)),
+        shown(b.get(i))
+    ))
+}
+
+fn progress_bar(enabled: bool, total: Option<u64>) -> ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {
-        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        return ProgressBar::with_draw_target(total, ProgressDrawTarget::hidden());
     }
-    let bar = ProgressBar::new(total);
-    let style = ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} seeds  {per_sec}  {elapsed_precise}  {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let (bar, template) = match total {
+        Some(n) => (
+            ProgressBar::new(n),
+            "{bar:40} {pos}/{len} seeds  {per_sec}  {elapsed_precise}  {msg}",
+        ),
+        // Bounded by time: no length to fill.
+        None => (
+            ProgressBar::no_length(),
+            "{spinner} {pos} seeds  {per_sec}  {elapsed_precise}  {msg}",
+        ),
+    };
+    let style =
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_message("violations: 0");
     bar

@@ -118,6 +118,7 @@ pub fn kill(m: Mutant, budget: &Budget) -> Kill {
         jobs: budget.jobs,
         stop_on_first: true,
         progress: false,
+        ..CampaignSpec::default()
     };
     let target = m.target();
     let deadline = budget.time.map(|t| Instant::now() + t);
@@ -168,6 +169,7 @@ pub fn fixed_run(budget: &Budget) -> FixedRun {
         jobs: budget.jobs,
         stop_on_first: false,
         progress: false,
+        ..CampaignSpec::default()
     };
     let deadline = budget.time.map(|t| Instant::now() + t);
     let report = campaign::run_until(&spec, &|_| false, deadline);

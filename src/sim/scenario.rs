@@ -86,6 +86,32 @@ pub struct Scenario {
     pub budget: BudgetConfig,
     pub fairness: FairnessConfig,
     pub world: WorldParams,
+    pub faults: FaultParams,
+}
+
+/// Faults on the link between the proxy and the upstream: partitions
+/// (messages dropped) and holds (messages delayed, then delivered).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultParams {
+    /// Faults drawn per world (0: none).
+    pub per_world: u32,
+    /// Each starts within this long of the world's start...
+    pub within_ms: u64,
+    /// ...and lasts this long.
+    pub for_ms_min: u64,
+    pub for_ms_max: u64,
+}
+
+impl Default for FaultParams {
+    fn default() -> Self {
+        Self {
+            per_world: 0,
+            within_ms: 30_000,
+            for_ms_min: 100,
+            for_ms_max: 5_000,
+        }
+    }
 }
 
 /// The simulated network and the world's time bounds.
@@ -147,6 +173,7 @@ impl Default for Scenario {
             budget: BudgetConfig::default(),
             fairness: FairnessConfig::default(),
             world: WorldParams::default(),
+            faults: FaultParams::default(),
         }
     }
 }
@@ -258,6 +285,29 @@ impl Scenario {
         }
         if w.sim_ms_max > 24 * 3_600_000 {
             return Err("world.sim_ms_max must be at most one simulated day".into());
+        }
+        let f = &self.faults;
+        if f.per_world > 16 {
+            return Err(format!(
+                "faults.per_world = {}: must be within 0..=16",
+                f.per_world
+            ));
+        }
+        if f.for_ms_min > f.for_ms_max || f.for_ms_max > 600_000 {
+            return Err(
+                "faults.for_ms_min must not exceed faults.for_ms_max, which must be at most 600000"
+                    .into(),
+            );
+        }
+        if f.within_ms > w.sim_ms_max {
+            return Err("faults.within_ms must not exceed world.sim_ms_max".into());
+        }
+        if self.think_ms_max > 3_600_000
+            || self.page_load_ms_max > 600_000
+            || self.refresh_after_ms_max > 3_600_000
+            || self.logout_after_ms_max > 3_600_000
+        {
+            return Err("think_ms_max, refresh_after_ms_max and logout_after_ms_max must be at most 3600000, page_load_ms_max at most 600000".into());
         }
         self.upstream.validate()?;
         self.budget.validate()?;

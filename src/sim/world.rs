@@ -18,6 +18,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use super::browser::{TabSpec, run_tab};
 use super::oracle::{self, Ending, Grace, Violation};
 use super::scenario::Scenario;
+use super::schedule::{FaultKind, Schedule};
 use super::trace::{Event, Recorder, TraceLayer, trace_hash};
 use crate::events;
 use crate::net::{Listener, ServeLimits, Transport, serve};
@@ -39,9 +40,7 @@ pub const EVENTS_MAX: usize = 2_000_000;
 const EPOCH_S: u64 = 1_750_000_000;
 
 /// Salts that keep each host's generator independent of the others'.
-const SALT_UPSTREAM: u64 = 0x7570_7374_7265_616d;
 const SALT_PROXY: u64 = 0x7072_6f78_7900_0000;
-const SALT_TAB: u64 = 0x7461_6200_0000_0000;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -49,6 +48,27 @@ pub struct WorldSpec {
     pub seed: u64,
     pub scenario: Arc<Scenario>,
     pub variant: Variant,
+    /// The world's schedule; `None`: the one the seed gives.
+    pub schedule: Option<Arc<Schedule>>,
+}
+
+impl WorldSpec {
+    /// The seed's own world.
+    pub fn new(seed: u64, scenario: Arc<Scenario>, variant: Variant) -> Self {
+        Self {
+            seed,
+            scenario,
+            variant,
+            schedule: None,
+        }
+    }
+
+    /// The schedule this world runs.
+    pub fn schedule(&self) -> Arc<Schedule> {
+        self.schedule
+            .clone()
+            .unwrap_or_else(|| Arc::new(Schedule::generate(self.seed, &self.scenario)))
+    }
 }
 
 /// How the driver stopped the world.
@@ -142,7 +162,11 @@ fn users_for(sc: &Scenario, seed: u64) -> UserStore {
     store
 }
 
-fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::Sim<'static> {
+fn build_sim(
+    spec: &WorldSpec,
+    schedule: &Schedule,
+    exited: Arc<Mutex<Option<String>>>,
+) -> turmoil::Sim<'static> {
     let sc = Arc::clone(&spec.scenario);
     let w = &sc.world;
     let mut sim = turmoil::Builder::new()
@@ -159,13 +183,18 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
         .build();
 
     let script = sc.upstream.clone();
-    let upstream_seed = derive_seed(spec.seed, SALT_UPSTREAM);
+    // Every answer comes from the schedule.
+    let plan = Arc::new(schedule.upstream_plan(user_handle));
+    let planned: upstream::Planned = Arc::new(move |fp: &str, attempt: u32| {
+        plan.answer(fp, attempt)
+            .map(|a| (a.answer.into(), Duration::from_millis(a.delay_ms)))
+    });
     // The mock's notes reach the tabs directly (not over the simulated
     // network): a harness side channel for aiming refreshes.
     let notes = MockUpstream::notes_channel();
     let mock_notes = notes.clone();
     sim.host(UPSTREAM_HOST, move || {
-        let mock = MockUpstream::with_notes(script.clone(), upstream_seed, mock_notes.clone());
+        let mock = MockUpstream::planned(script.clone(), Arc::clone(&planned), mock_notes.clone());
         async move {
             let listener = Listener::bind(
                 Transport::Turmoil,
@@ -228,22 +257,31 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
     });
 
     for u in 0..sc.users {
+        let plans: Vec<_> = schedule
+            .tabs
+            .iter()
+            .filter(|t| t.user == u)
+            .cloned()
+            .collect();
+        if plans.is_empty() {
+            continue;
+        }
         let sc = Arc::clone(&sc);
-        let seed = spec.seed;
         let notes = notes.clone();
         sim.client(format!("tabs-{}", user_handle(u)), async move {
-            let tabs = (0..sc.tabs_of(u)).map(|t| {
+            let tabs = plans.into_iter().map(|plan| {
                 let mut spec = TabSpec::simulated(
                     (PROXY_HOST, PROXY_PORT),
                     user_handle(u),
                     user_password(u),
-                    t,
-                    derive_seed(seed, SALT_TAB ^ ((u as u64) << 16) ^ t as u64),
+                    plan.tab,
                     format!("http://{UPSTREAM_HOST}:{UPSTREAM_PORT}/v1"),
                 );
                 spec.notes = Some(notes.clone());
                 let sc = Arc::clone(&sc);
-                tokio::spawn(async move { run_tab(spec, sc).await.map_err(|e| e.to_string()) })
+                tokio::spawn(
+                    async move { run_tab(spec, plan, sc).await.map_err(|e| e.to_string()) },
+                )
             });
             let handles: Vec<_> = tabs.collect();
             for h in handles {
@@ -258,8 +296,9 @@ fn build_sim(spec: &WorldSpec, exited: Arc<Mutex<Option<String>>>) -> turmoil::S
 /// Steps the world until it ends; returns why, when (ms) and any error.
 fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<String>) {
     let exited = Arc::new(Mutex::new(None::<String>));
-    let mut sim = build_sim(spec, Arc::clone(&exited));
-    let ended = panics::guarded(|| step_to_end(spec, recorder, &mut sim, &exited));
+    let schedule = spec.schedule();
+    let mut sim = build_sim(spec, &schedule, Arc::clone(&exited));
+    let ended = panics::guarded(|| step_to_end(spec, &schedule, recorder, &mut sim, &exited));
     // Freeze before the world is torn down (the proxy crash included):
     // teardown drops tasks in an order that is not part of the run.
     recorder.freeze();
@@ -293,6 +332,7 @@ fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<Strin
 
 fn step_to_end(
     spec: &WorldSpec,
+    schedule: &Schedule,
     recorder: &Recorder,
     sim: &mut turmoil::Sim<'static>,
     exited: &Mutex<Option<String>>,
@@ -307,11 +347,13 @@ fn step_to_end(
     );
     let mut clients_done_at: Option<Duration> = None;
     let mut quiet_since: Option<Duration> = None;
+    let mut link = LinkState::default();
     loop {
         let step = sim.step();
         let now = sim.elapsed();
         panics::set_sim_ms(now.as_millis() as u64);
         let ms = now.as_millis() as u64;
+        link.apply(sim, schedule, ms);
         if let Some(reason) = exited.lock().unwrap_or_else(|p| p.into_inner()).take() {
             events::world_proxy_crash(&reason);
             return (EndReason::ProxyCrashed, ms, None);
@@ -352,6 +394,46 @@ fn step_to_end(
         if ms > w.sim_ms_max && clients_done_at.is_none() {
             return (EndReason::TimeLimit, ms, None);
         }
+    }
+}
+
+/// The link between the proxy and the upstream, as the schedule's faults
+/// want it at each step.
+#[derive(Default, PartialEq, Eq, Clone, Copy)]
+struct LinkState {
+    partitioned: bool,
+    held: bool,
+}
+
+impl LinkState {
+    fn apply(&mut self, sim: &mut turmoil::Sim<'static>, schedule: &Schedule, ms: u64) {
+        if schedule.faults.is_empty() {
+            return;
+        }
+        let active = |kind| {
+            schedule
+                .faults
+                .iter()
+                .any(|f| f.kind == kind && f.at_ms <= ms && ms < f.at_ms.saturating_add(f.for_ms))
+        };
+        let want = LinkState {
+            partitioned: active(FaultKind::Partition),
+            held: active(FaultKind::Hold),
+        };
+        if want == *self {
+            return;
+        }
+        // Repairing also delivers what was held; hold again if still wanted.
+        if want.partitioned {
+            sim.partition(PROXY_HOST, UPSTREAM_HOST);
+        } else {
+            sim.repair(PROXY_HOST, UPSTREAM_HOST);
+            if want.held {
+                sim.hold(PROXY_HOST, UPSTREAM_HOST);
+            }
+        }
+        events::world_link(want.partitioned, want.held);
+        *self = want;
     }
 }
 

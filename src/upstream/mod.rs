@@ -147,7 +147,15 @@ pub struct MockUpstream {
     rng: Mutex<ChaCha8Rng>,
     attempts: Mutex<BTreeMap<String, u32>>,
     notes: tokio::sync::broadcast::Sender<MockNote>,
+    /// Answers decided in advance (a simulated world's schedule), by
+    /// fingerprint and attempt; the script's draws when absent.
+    planned: Option<Planned>,
 }
+
+/// Decides an attempt in advance: `(fingerprint, attempt)` to the answer
+/// and the delay before it; `None` answers with a completion after the
+/// script's shortest delay.
+pub type Planned = Arc<dyn Fn(&str, u32) -> Option<(Answer, Duration)> + Send + Sync>;
 
 impl MockUpstream {
     pub fn new(script: UpstreamScript, seed: u64) -> Arc<Self> {
@@ -156,6 +164,23 @@ impl MockUpstream {
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             attempts: Mutex::new(BTreeMap::new()),
             notes: tokio::sync::broadcast::channel(NOTES_CAPACITY).0,
+            planned: None,
+        })
+    }
+
+    /// A mock whose every answer is planned (see [`Planned`]), telling
+    /// `notes` about every attempt.
+    pub fn planned(
+        script: UpstreamScript,
+        planned: Planned,
+        notes: tokio::sync::broadcast::Sender<MockNote>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            script,
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            attempts: Mutex::new(BTreeMap::new()),
+            notes,
+            planned: Some(planned),
         })
     }
 
@@ -171,6 +196,7 @@ impl MockUpstream {
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             attempts: Mutex::new(BTreeMap::new()),
             notes,
+            planned: None,
         })
     }
 
@@ -193,9 +219,14 @@ impl MockUpstream {
         });
     }
 
-    /// Draws the answer and the delay for the next attempt.
-    fn decide(&self) -> (Answer, Duration) {
+    /// The answer and the delay for attempt `attempt` of `fp`: planned, or
+    /// drawn from the script.
+    fn decide(&self, fp: &str, attempt: u32) -> (Answer, Duration) {
         let s = &self.script;
+        if let Some(planned) = &self.planned {
+            return planned(fp, attempt)
+                .unwrap_or((Answer::Complete, Duration::from_millis(s.delay_ms_min)));
+        }
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
         let delay_ms = rng.random_range(s.delay_ms_min..=s.delay_ms_max);
         let roll: f64 = rng.random();
@@ -286,7 +317,7 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let attempt = mock.count_attempt(&fp);
-    let (answer, delay) = mock.decide();
+    let (answer, delay) = mock.decide(&fp, attempt);
     events::upstream_attempt(&fp, attempt, &user, answer.name());
     mock.note(&fp, attempt, 0);
     // A zero delay answers at once: even sleep(0) waits for a timer tick.
