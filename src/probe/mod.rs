@@ -225,6 +225,7 @@ async fn drive(spec: &ProbeSpec) -> anyhow::Result<Outcome> {
             upstream_url: upstream_url.clone(),
             stop_at: Some(stop_at),
             notes: Some(notes.clone()),
+            phases: None,
         };
         let plan = tab_plan(
             &spec.scenario,

@@ -129,6 +129,9 @@ pub fn save_findings(
             to_json_lines(&run.events),
         )?;
         finding.actions = Some((actions_before, saved.schedule.actions()));
+        // What the saved schedule shows when replayed.
+        finding.message = saved.message.clone();
+        finding.trace_hash = saved.trace_hash.clone();
         finding.replay = replay_schedule_command(&path);
         finding.schedule_file = Some(path.display().to_string());
         if shrinkable {

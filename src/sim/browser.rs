@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::scenario::Scenario;
 use super::schedule::{GenPlan, RefreshPlan, TabPlan};
+use super::trace::PhaseNote;
 use crate::events;
 use crate::net::{Stream, Transport};
 use crate::proxy::Dialect;
@@ -49,6 +50,9 @@ pub struct TabSpec {
     pub stop_at: Option<tokio::time::Instant>,
     /// The mock's notes, for refreshes aimed at "just after a 429".
     pub notes: Option<tokio::sync::broadcast::Sender<MockNote>>,
+    /// The proxy's phase changes (simulation only), for refreshes aimed at a
+    /// phase of the request.
+    pub phases: Option<tokio::sync::broadcast::Sender<PhaseNote>>,
 }
 
 impl TabSpec {
@@ -72,6 +76,7 @@ impl TabSpec {
             upstream_url,
             stop_at: None,
             notes: None,
+            phases: None,
         }
     }
 }
@@ -310,7 +315,7 @@ impl Plan {
             fp,
             stream,
             body,
-            refresh: g.refresh,
+            refresh: g.refresh.clone(),
             logout_after_ms: g
                 .logout_after_ms
                 .filter(|_| spec.dialect == Dialect::SillyTavern),
@@ -327,6 +332,7 @@ enum Sent {
 /// Sends a generation and waits for its answer, a refresh, or the timeout.
 async fn send(spec: &TabSpec, sc: &Scenario, session: &Login, plan: &Plan) -> Sent {
     let notes = spec.notes.as_ref().map(|n| n.subscribe());
+    let phases = spec.phases.as_ref().map(|n| n.subscribe());
     events::tab_send(&spec.user, spec.tab, &plan.fp, plan.stream);
     let path = match spec.dialect {
         Dialect::SillyTavern => "/api/backends/chat-completions/generate",
@@ -336,7 +342,7 @@ async fn send(spec: &TabSpec, sc: &Scenario, session: &Login, plan: &Plan) -> Se
     tokio::select! {
         biased;
         r = request => Sent::Answered(r),
-        _ = refresh_moment(&plan.refresh, &plan.fp, notes) => Sent::Refreshed,
+        _ = refresh_moment(&plan.refresh, &plan.fp, notes, phases) => Sent::Refreshed,
         _ = tokio::time::sleep(Duration::from_millis(sc.request_timeout_ms)) => Sent::TimedOut,
     }
 }
@@ -346,7 +352,25 @@ async fn refresh_moment(
     refresh: &Option<RefreshPlan>,
     fp: &str,
     notes: Option<tokio::sync::broadcast::Receiver<MockNote>>,
+    phases: Option<tokio::sync::broadcast::Receiver<PhaseNote>>,
 ) {
+    if let (Some(RefreshPlan::AtPhase { phase, nth }), Some(mut rx)) = (refresh, phases) {
+        let mut seen = 0;
+        loop {
+            match rx.recv().await {
+                Ok(n) if n.fp == fp && n.phase == phase => {
+                    seen += 1;
+                    if seen >= *nth {
+                        return;
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
     match (refresh, notes) {
         (Some(RefreshPlan::AfterMs(ms)), _) => tokio::time::sleep(Duration::from_millis(*ms)).await,
         (Some(RefreshPlan::After429), Some(mut rx)) => loop {

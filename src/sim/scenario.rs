@@ -68,6 +68,10 @@ pub struct Scenario {
     /// Share of refreshes aimed at the moment just after the mock answered
     /// the request with a 429 (the backoff), instead of a random time.
     pub p_aim_after_429: f64,
+    /// Share of refreshes aimed at the moment the proxy's request enters a
+    /// phase (drawn among the table's phases and "after-release"; the 1st
+    /// or 2nd time: the 2nd "sending" is a retry timer firing).
+    pub p_aim_phase: f64,
     pub page_load_ms_min: u64,
     pub page_load_ms_max: u64,
     pub p_resend: f64,
@@ -160,6 +164,7 @@ impl Default for Scenario {
             p_refresh: 0.3,
             refresh_after_ms_max: 10_000,
             p_aim_after_429: 0.0,
+            p_aim_phase: 0.0,
             page_load_ms_min: 200,
             page_load_ms_max: 2_000,
             p_resend: 0.5,
@@ -262,6 +267,7 @@ impl Scenario {
             ("p_refresh", self.p_refresh),
             ("p_resend", self.p_resend),
             ("p_aim_after_429", self.p_aim_after_429),
+            ("p_aim_phase", self.p_aim_phase),
             ("p_logout", self.p_logout),
         ] {
             if !(0.0..=1.0).contains(&p) {
@@ -269,6 +275,9 @@ impl Scenario {
                     "{name} = {p}: a probability must be within 0.0..=1.0"
                 ));
             }
+        }
+        if self.p_aim_after_429 + self.p_aim_phase > 1.0 {
+            return Err("p_aim_after_429 + p_aim_phase must not exceed 1.0".into());
         }
         if self.page_load_ms_min > self.page_load_ms_max {
             return Err("page_load_ms_min must not exceed page_load_ms_max".into());

@@ -84,7 +84,7 @@ pub struct GenPlan {
 }
 
 /// When a tab refreshes.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum RefreshPlan {
     /// This long after sending.
@@ -92,6 +92,18 @@ pub enum RefreshPlan {
     /// Just after the upstream answered an attempt of this generation with
     /// a 429 (the moment a retry timer is armed).
     After429,
+    /// As the proxy's request enters `phase` (a phase of the request table,
+    /// or "after-release") for the `nth` time: `sending` 2 is the retry
+    /// timer firing.
+    AtPhase { phase: String, nth: u32 },
+}
+
+/// The phases a refresh can be aimed at.
+pub fn aimable_phases() -> impl Iterator<Item = &'static str> {
+    crate::proxy::requests::PHASE_NAMES
+        .iter()
+        .copied()
+        .chain(std::iter::once("after-release"))
 }
 
 /// The upstream's answer to one attempt.
@@ -234,6 +246,18 @@ impl Schedule {
                 ));
             }
             for g in &t.generations {
+                if let Some(RefreshPlan::AtPhase { phase, .. }) = &g.refresh
+                    && !aimable_phases().any(|p| p == phase)
+                {
+                    let names: Vec<_> = aimable_phases().collect();
+                    return Err(format!(
+                        "generation {} of tab {} of user {} aims at phase '{phase}'; phases: {}",
+                        g.index,
+                        t.tab,
+                        t.user,
+                        names.join(", ")
+                    ));
+                }
                 if g.upstream.len() > ATTEMPTS_PLANNED_MAX {
                     return Err(format!(
                         "generation {} of tab {} of user {} plans more than {ATTEMPTS_PLANNED_MAX} attempts",
@@ -343,9 +367,14 @@ fn gen_strategy(sc: &Scenario, index: u32) -> BoxedStrategy<GenPlan> {
     let refresh = droppable(
         sc.p_refresh,
         prop_oneof![
-            weight(1.0 - sc.p_aim_after_429) =>
+            weight(1.0 - sc.p_aim_after_429 - sc.p_aim_phase) =>
                 log_uniform_ms(sc.refresh_after_ms_max).prop_map(RefreshPlan::AfterMs),
             weight(sc.p_aim_after_429) => Just(RefreshPlan::After429),
+            weight(sc.p_aim_phase) => (
+                proptest::sample::select(aimable_phases().collect::<Vec<_>>()),
+                1u32..=2,
+            )
+                .prop_map(|(phase, nth)| RefreshPlan::AtPhase { phase: phase.to_string(), nth }),
         ],
     );
     let logout = droppable(sc.p_logout, log_uniform_ms(sc.logout_after_ms_max));

@@ -77,16 +77,32 @@ struct Inner {
     /// Set when the world has ended: tearing a world down drops tasks in
     /// an order tokio does not promise, so nothing after the end counts.
     frozen: bool,
+    /// Live requests' fingerprints, by table key.
+    fp_of: BTreeMap<u64, String>,
 }
 
+/// Phase notes kept for a slow listener.
+const PHASE_NOTES_CAPACITY: usize = 4096;
+
 /// The events of one world, shared by the layer and the driver.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Recorder {
     inner: Arc<Mutex<Inner>>,
     /// Events kept at the most; a world past it is cut short (see `overflowed`).
     events_max: usize,
     /// Outside a simulation (the probe): events are timed from this instant.
     real_start: Option<std::time::Instant>,
+    /// Hears each request's phase as the proxy reports it (tabs aiming a
+    /// refresh at a phase listen).
+    phases: tokio::sync::broadcast::Sender<PhaseNote>,
+}
+
+/// A request entered a phase of the table (or left it: "after-release").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhaseNote {
+    /// The fingerprint of the request's messages.
+    pub fp: String,
+    pub phase: &'static str,
 }
 
 impl Recorder {
@@ -95,7 +111,13 @@ impl Recorder {
             inner: Arc::default(),
             events_max,
             real_start: None,
+            phases: tokio::sync::broadcast::channel(PHASE_NOTES_CAPACITY).0,
         }
+    }
+
+    /// The channel on which every phase change is told, as it happens.
+    pub fn phases(&self) -> tokio::sync::broadcast::Sender<PhaseNote> {
+        self.phases.clone()
     }
 
     /// A recorder for real sockets: events are timed by the real clock from
@@ -158,6 +180,28 @@ impl Recorder {
         }
         if e.t_us == u64::MAX {
             e.t_us = inner.events.last().map(|l| l.t_us).unwrap_or(0);
+        }
+        let note = match e.kind.as_str() {
+            "req.admit" => {
+                let fp = e.str("fp").to_string();
+                inner.fp_of.insert(e.u64("key"), fp.clone());
+                Some((fp, "admitted"))
+            }
+            "req.phase" => inner.fp_of.get(&e.u64("key")).and_then(|fp| {
+                crate::proxy::requests::PHASE_NAMES
+                    .iter()
+                    .find(|p| **p == e.str("to"))
+                    .map(|p| (fp.clone(), *p))
+            }),
+            "req.release" => inner
+                .fp_of
+                .remove(&e.u64("key"))
+                .map(|fp| (fp, "after-release")),
+            _ => None,
+        };
+        if let Some((fp, phase)) = note {
+            // Nobody listening is fine.
+            let _ = self.phases.send(PhaseNote { fp, phase });
         }
         let live = &mut inner.live;
         match e.kind.as_str() {

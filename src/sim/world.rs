@@ -19,7 +19,7 @@ use super::browser::{TabSpec, run_tab};
 use super::oracle::{self, Ending, Grace, Violation};
 use super::scenario::Scenario;
 use super::schedule::{FaultKind, Schedule};
-use super::trace::{Event, Recorder, TraceLayer, trace_hash};
+use super::trace::{Event, PhaseNote, Recorder, TraceLayer, trace_hash};
 use crate::events;
 use crate::net::{Listener, ServeLimits, Transport, serve};
 use crate::proxy::session::SessionSecret;
@@ -165,6 +165,7 @@ fn users_for(sc: &Scenario, seed: u64) -> UserStore {
 fn build_sim(
     spec: &WorldSpec,
     schedule: &Schedule,
+    phases: tokio::sync::broadcast::Sender<PhaseNote>,
     exited: Arc<Mutex<Option<String>>>,
 ) -> turmoil::Sim<'static> {
     let sc = Arc::clone(&spec.scenario);
@@ -268,6 +269,7 @@ fn build_sim(
         }
         let sc = Arc::clone(&sc);
         let notes = notes.clone();
+        let phases = phases.clone();
         sim.client(format!("tabs-{}", user_handle(u)), async move {
             let tabs = plans.into_iter().map(|plan| {
                 let mut spec = TabSpec::simulated(
@@ -278,6 +280,7 @@ fn build_sim(
                     format!("http://{UPSTREAM_HOST}:{UPSTREAM_PORT}/v1"),
                 );
                 spec.notes = Some(notes.clone());
+                spec.phases = Some(phases.clone());
                 let sc = Arc::clone(&sc);
                 tokio::spawn(
                     async move { run_tab(spec, plan, sc).await.map_err(|e| e.to_string()) },
@@ -297,7 +300,7 @@ fn build_sim(
 fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<String>) {
     let exited = Arc::new(Mutex::new(None::<String>));
     let schedule = spec.schedule();
-    let mut sim = build_sim(spec, &schedule, Arc::clone(&exited));
+    let mut sim = build_sim(spec, &schedule, recorder.phases(), Arc::clone(&exited));
     let ended = panics::guarded(|| step_to_end(spec, &schedule, recorder, &mut sim, &exited));
     // Freeze before the world is torn down (the proxy crash included):
     // teardown drops tasks in an order that is not part of the run.
