@@ -14,6 +14,9 @@
 //!   proxy's own share of one in-flight request.
 //!
 //! Every phase is bounded in requests and in time.
+//!
+//! `tavernsim bench sim` (what a seed of the harness costs against a bare
+//! turmoil world) lives in [`sim`].
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -32,6 +35,8 @@ use crate::proxy::users::{User, UserStore, token_digest};
 use crate::proxy::{ExitHook, ProxyConfig};
 use crate::serve::{Running, ServeConfig, StartOptions, start};
 use crate::upstream::{self, MockUpstream, UpstreamScript};
+
+pub mod sim;
 
 /// Most parked requests (each holds up to 6 descriptors in this process).
 pub const PARKED_MAX: usize = 3_000;

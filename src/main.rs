@@ -73,7 +73,7 @@ enum Command {
     /// hash, for a `password_hash` in a users file (how the first admin
     /// gets a password).
     HashPassword,
-    /// Measure what the proxy costs on loopback.
+    /// Measure what the proxy costs on loopback, or what the harness costs.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Run every mutant (a deliberate defect of the fixed proxy) until the
@@ -124,6 +124,24 @@ enum BenchCommand {
     /// run, plus memory per in-flight request. Every phase is bounded in
     /// requests and time.
     Proxy(BenchProxyArgs),
+    /// What a seed of the harness costs: seeds per second per core, time
+    /// compression, and wall time against a bare turmoil world making the
+    /// same HTTP exchanges with no proxy logic, in one run (the default
+    /// scenarios, the fixed variant).
+    Sim(BenchSimArgs),
+}
+
+#[derive(Parser)]
+struct BenchSimArgs {
+    /// Seeds per default scenario (each also runs two bare worlds).
+    #[arg(long, default_value_t = tavernsim::bench::sim::SEEDS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    seeds: u64,
+    /// Worker threads; figures stay per core (timed per world on its thread).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    jobs: u64,
+    /// Output format (json: one object).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Parser)]
@@ -435,6 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args),
         Command::HashPassword => hash_password(),
         Command::Bench(BenchCommand::Proxy(args)) => bench_proxy(args),
+        Command::Bench(BenchCommand::Sim(args)) => bench_sim(args),
         Command::Mutants(args) => mutants(args),
     }
 }
@@ -509,6 +528,19 @@ fn bench_proxy(args: BenchProxyArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let report = rt.block_on(run(spec))?;
+    match args.format {
+        Format::Text => outln!("{}", render_text(&report)),
+        Format::Json => outln!("{}", serde_json::to_string(&report)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_sim(args: BenchSimArgs) -> anyhow::Result<ExitCode> {
+    use tavernsim::bench::sim::{SimBenchSpec, render_text, run};
+    let report = run(&SimBenchSpec {
+        seeds: args.seeds,
+        jobs: args.jobs as usize,
+    })?;
     match args.format {
         Format::Text => outln!("{}", render_text(&report)),
         Format::Json => outln!("{}", serde_json::to_string(&report)?),
