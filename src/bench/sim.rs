@@ -299,11 +299,7 @@ struct SeedFigures {
 fn measure_seed(sc: &Arc<Scenario>, seed: u64) -> Result<SeedFigures, String> {
     // Everything a campaign does per seed, the trace's drop included.
     let ((n, sim_ms, violating, harness_error), harness) = Cost::of(|| {
-        let run = run_world(&WorldSpec {
-            seed,
-            scenario: Arc::clone(sc),
-            variant: Variant::Fixed,
-        });
+        let run = run_world(&WorldSpec::new(seed, Arc::clone(sc), Variant::Fixed));
         (
             exchanges(&run.events, sc),
             run.sim_ms,
