@@ -168,3 +168,118 @@ fn the_fixed_proxy_is_actually_exercised() {
         );
     }
 }
+
+fn named(name: &str) -> NamedScenario {
+    NamedScenario {
+        origin: name.to_string(),
+        scenario: Arc::new(Scenario::load(name).expect("scenario loads")),
+    }
+}
+
+#[test]
+fn faults_and_slow_upstreams_break_nothing_and_every_seed_runs_the_same_twice() {
+    let report = campaign::run(&CampaignSpec {
+        scenarios: vec![named("network-faults"), named("slow-upstream")],
+        seeds: 30,
+        jobs: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+        stop_on_first: false,
+        check_determinism: true,
+        ..CampaignSpec::default()
+    });
+    assert_eq!(report.seeds_run, 60);
+    assert!(
+        report.harness_errors.is_empty(),
+        "{:?}",
+        report.harness_errors
+    );
+    assert!(
+        report.violations.is_empty(),
+        "{}",
+        report
+            .violations
+            .iter()
+            .map(|v| format!("{v}: {}", v.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The faults really happen: the link goes down and attempts are lost.
+    let run = run_world(&WorldSpec::new(
+        3,
+        Arc::clone(&named("network-faults").scenario),
+        Variant::Fixed,
+    ));
+    assert!(
+        run.events
+            .iter()
+            .any(|e| e.kind == "world.link" && e.bool("partitioned"))
+    );
+    let starts = run
+        .events
+        .iter()
+        .filter(|e| e.kind == "attempt.start")
+        .count();
+    let arrived = run
+        .events
+        .iter()
+        .filter(|e| e.kind == "upstream.attempt")
+        .count();
+    assert!(
+        arrived < starts,
+        "no attempt was lost to a fault ({arrived} of {starts})"
+    );
+}
+
+#[test]
+fn a_sillytavern_1_12_6_violation_shrinks_to_a_handful_of_actions_and_replays() {
+    use tavernsim::sim::artifacts::{ArtifactOptions, save_findings};
+    use tavernsim::sim::schedule::{SavedSchedule, ShrinkBudget};
+
+    let spec = CampaignSpec {
+        scenarios: vec![named("refresh-during-retry")],
+        variant: Variant::SillyTavern1126,
+        seeds: 20,
+        ..CampaignSpec::default()
+    };
+    let mut report = campaign::run(&spec);
+    assert!(!report.violations.is_empty(), "1.12.6 survived 20 seeds");
+    let out = std::env::temp_dir().join(format!("tavernsim-shrink-{}", std::process::id()));
+    let opts = ArtifactOptions {
+        out: out.clone(),
+        shrink: true,
+        budget: ShrinkBudget {
+            runs_max: 400,
+            ..ShrinkBudget::default()
+        },
+    };
+    save_findings(&spec, &mut report, &opts, &mut |_| {}).expect("artifacts saved");
+    for finding in &report.violations {
+        let (before, after) = finding.actions.expect("shrunk");
+        assert!(
+            after <= 8 && after < before,
+            "{}: {before} actions shrank only to {after}",
+            finding.invariant
+        );
+        let path = finding.schedule_file.as_ref().expect("saved");
+        assert!(
+            finding.replay.contains("replay --schedule"),
+            "{}",
+            finding.replay
+        );
+        let saved = SavedSchedule::load(std::path::Path::new(path)).expect("loads");
+        assert_eq!(saved.invariant, finding.invariant);
+        let mut world = WorldSpec::new(saved.seed, saved.scenario(), Variant::SillyTavern1126);
+        world.schedule = Some(Arc::new(saved.schedule.clone()));
+        let run = run_world(&world);
+        assert!(
+            run.violations
+                .iter()
+                .any(|v| v.invariant == saved.invariant),
+            "{path} does not replay to {}",
+            saved.invariant
+        );
+        assert_eq!(run.trace_hash, saved.trace_hash, "{path}: a replay differs");
+    }
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -512,3 +512,63 @@ fn progress_bar(enabled: bool, total: Option<u64>) -> ProgressBar {
     bar.set_message("violations: 0");
     bar
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_first_difference_is_named_with_both_events() {
+        let a = vec![
+            Event::new(10, "proxy", "req.admit", json!({"key": 1})),
+            Event::new(20, "proxy", "req.release", json!({"key": 1})),
+        ];
+        let mut b = a.clone();
+        assert_eq!(first_difference(&a, &b), None);
+        b[1] = Event::new(30, "proxy", "req.release", json!({"key": 1}));
+        let d = first_difference(&a, &b).unwrap();
+        assert!(
+            d.contains("event 1") && d.contains("0.000020s") && d.contains("0.000030s"),
+            "{d}"
+        );
+        b.truncate(1);
+        assert!(
+            first_difference(&a, &b)
+                .unwrap()
+                .contains("the end of the trace")
+        );
+    }
+
+    #[test]
+    fn shards_split_the_seeds_and_merge_back() {
+        assert_eq!("2/8".parse::<Shard>(), Ok(Shard { index: 2, count: 8 }));
+        for bad in ["8/8", "1", "a/b", "0/0"] {
+            assert!(bad.parse::<Shard>().unwrap_err().contains("i/n"), "{bad}");
+        }
+        let named = NamedScenario {
+            origin: "refresh-during-retry".into(),
+            scenario: Arc::new(Scenario::load("refresh-during-retry").unwrap()),
+        };
+        let spec = |shard| CampaignSpec {
+            scenarios: vec![named.clone()],
+            seeds: 3,
+            shard,
+            stop_on_first: false,
+            ..CampaignSpec::default()
+        };
+        let seeds = |s: &CampaignSpec| (0..3).map(|i| world_at(s, i).1).collect::<Vec<_>>();
+        let (a, b) = (
+            spec(Shard { index: 0, count: 2 }),
+            spec(Shard { index: 1, count: 2 }),
+        );
+        assert_eq!(seeds(&a), vec![0, 2, 4]);
+        assert_eq!(seeds(&b), vec![1, 3, 5]);
+        let (ra, rb) = (run(&a), run(&b));
+        assert_eq!(missing_shards(std::slice::from_ref(&ra)), vec![1]);
+        let merged = merge(vec![ra.clone(), rb]).unwrap();
+        assert_eq!(merged.seeds_run, 6);
+        assert_eq!(merged.shard, Shard::default());
+        assert!(merge(vec![ra.clone(), ra]).unwrap_err().contains("twice"));
+    }
+}

@@ -36,6 +36,14 @@ pub const EMBEDDED: &[(&str, &str)] = &[
 /// need them; `fuzz` runs them only when named.
 pub const AIMED: &[(&str, &str)] = &[
     (
+        "network-faults",
+        include_str!("../../sims/network-faults.toml"),
+    ),
+    (
+        "slow-upstream",
+        include_str!("../../sims/slow-upstream.toml"),
+    ),
+    (
         "logout-during-retry",
         include_str!("../../sims/aimed/logout-during-retry.toml"),
     ),

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::strategy::{NewTree, ValueTree};
+
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -589,6 +590,12 @@ pub struct Shrunk {
 /// Shrinks the seed's schedule for `sc` while `still_fails` holds (it runs
 /// the world and says whether the same invariant broke). The returned
 /// schedule fails; it is the original when nothing simpler does.
+///
+/// Greedy, coarse to fine: drop faults, tabs, generations, refreshes and
+/// logouts; turn upstream answers into completions and cut the answers
+/// after them; then shorten delays. After each simpler schedule that still
+/// fails, the pass goes on from the same place; passes repeat until one
+/// changes nothing.
 pub fn shrink(
     seed: u64,
     sc: &Scenario,
@@ -597,37 +604,39 @@ pub fn shrink(
     progress: &mut dyn FnMut(u32, usize),
 ) -> Shrunk {
     let started = Instant::now();
-    let mut runner = runner_for(seed);
-    let Ok(mut tree) = strategy(sc).new_tree(&mut runner) else {
-        return Shrunk {
-            schedule: Schedule::default(),
-            runs: 0,
-            budget_hit: false,
-            actions_before: 0,
-        };
-    };
-    let mut best = tree.current();
+    let mut best = Schedule::generate(seed, sc);
     let actions_before = best.actions();
     let mut runs = 0;
     let mut budget_hit = false;
-    if tree.simplify() {
+    let mut tried = std::collections::BTreeSet::new();
+    'passes: loop {
+        let mut changed = false;
+        let mut i = 0;
         loop {
+            let candidates = simpler(&best, sc);
+            let Some(candidate) = candidates.into_iter().skip(i).find(|c| {
+                i += 1;
+                *c != best && !tried.contains(&serde_json::to_string(c).unwrap_or_default())
+            }) else {
+                break;
+            };
             if runs >= budget.runs_max || started.elapsed() >= budget.wall {
                 budget_hit = true;
-                break;
+                break 'passes;
             }
-            let candidate = tree.current();
             runs += 1;
-            let fails = still_fails(&candidate);
-            if fails {
+            tried.insert(serde_json::to_string(&candidate).unwrap_or_default());
+            if still_fails(&candidate) {
                 best = candidate;
+                changed = true;
                 progress(runs, best.actions());
-                if !tree.simplify() {
-                    break;
-                }
-            } else if !tree.complicate() {
-                break;
+                // The list is rebuilt for the simpler schedule: go on from
+                // about the same place.
+                i = i.saturating_sub(1);
             }
+        }
+        if !changed {
+            break;
         }
     }
     Shrunk {
@@ -636,6 +645,111 @@ pub fn shrink(
         budget_hit,
         actions_before,
     }
+}
+
+/// Every schedule one step simpler than `s`, coarsest first.
+fn simpler(s: &Schedule, sc: &Scenario) -> Vec<Schedule> {
+    let mut out = Vec::new();
+    let with = |f: &dyn Fn(&mut Schedule)| {
+        let mut c = s.clone();
+        f(&mut c);
+        c
+    };
+    for i in 0..s.faults.len() {
+        out.push(with(&|c| {
+            c.faults.remove(i);
+        }));
+    }
+    for t in 0..s.tabs.len() {
+        out.push(with(&|c| {
+            c.tabs.remove(t);
+        }));
+    }
+    for (t, tab) in s.tabs.iter().enumerate() {
+        for g in 0..tab.generations.len() {
+            out.push(with(&|c| {
+                c.tabs[t].generations.remove(g);
+            }));
+        }
+    }
+    let gens = || {
+        s.tabs
+            .iter()
+            .enumerate()
+            .flat_map(|(t, tab)| (0..tab.generations.len()).map(move |g| (t, g)))
+    };
+    for (t, g) in gens() {
+        let gp = &s.tabs[t].generations[g];
+        if gp.refresh.is_some() {
+            out.push(with(&|c| c.tabs[t].generations[g].refresh = None));
+        }
+        if gp.logout_after_ms.is_some() {
+            out.push(with(&|c| c.tabs[t].generations[g].logout_after_ms = None));
+        }
+        for a in 0..gp.upstream.len() {
+            if gp.upstream[a].answer != PlannedAnswer::Complete {
+                // A completion here: later answers are never asked for.
+                out.push(with(&|c| {
+                    let up = &mut c.tabs[t].generations[g].upstream;
+                    up[a].answer = PlannedAnswer::Complete;
+                    up.truncate(a + 1);
+                }));
+            }
+        }
+    }
+    // Finer: plainer answers and shorter times.
+    let min_delay = sc.upstream.delay_ms_min;
+    for (t, g) in gens() {
+        let gp = &s.tabs[t].generations[g];
+        if gp.stream {
+            out.push(with(&|c| c.tabs[t].generations[g].stream = false));
+        }
+        if gp.think_ms > 0 {
+            out.push(with(&|c| c.tabs[t].generations[g].think_ms = 0));
+        }
+        if gp.page_load_ms > sc.page_load_ms_min {
+            out.push(with(&|c| {
+                c.tabs[t].generations[g].page_load_ms = sc.page_load_ms_min
+            }));
+        }
+        if let Some(RefreshPlan::AfterMs(ms)) = gp.refresh
+            && ms > 10
+        {
+            out.push(with(&|c| {
+                c.tabs[t].generations[g].refresh = Some(RefreshPlan::AfterMs(10 + (ms - 10) / 2))
+            }));
+        }
+        for a in 0..gp.upstream.len() {
+            let at = gp.upstream[a];
+            if at.delay_ms > min_delay {
+                out.push(with(&|c| {
+                    c.tabs[t].generations[g].upstream[a].delay_ms = min_delay
+                }));
+            }
+            if let PlannedAnswer::TooMany {
+                retry_after_s: Some(n),
+            } = at.answer
+                && n > 0
+            {
+                out.push(with(&|c| {
+                    c.tabs[t].generations[g].upstream[a].answer = PlannedAnswer::TooMany {
+                        retry_after_s: Some(n / 2),
+                    }
+                }));
+            }
+        }
+    }
+    for t in 0..s.tabs.len() {
+        if s.tabs[t].start_ms > 10 {
+            out.push(with(&|c| c.tabs[t].start_ms = 10));
+        }
+    }
+    for i in 0..s.faults.len() {
+        if s.faults[i].for_ms > sc.faults.for_ms_min {
+            out.push(with(&|c| c.faults[i].for_ms = sc.faults.for_ms_min));
+        }
+    }
+    out
 }
 
 /// A schedule saved to a file, with what is needed to run it again.
