@@ -470,8 +470,14 @@ fn deliver_stream(
         idle: Some(Duration::from_millis(cx.state.cfg.stream_idle_ms)),
         stop: Some(cx.cancel.clone()),
     };
-    // Fields drop in order: the second end comes after the release.
-    let end_again = cx.mutant(Mutant::DoubleEnd).then_some(EndAgain(key));
+    // Fields drop in order: the second end comes after the release. Built
+    // only for the mutant: an `EndAgain` made and dropped at once (as
+    // `then_some` would) reports an end before the body was sent.
+    let end_again = if cx.mutant(Mutant::DoubleEnd) {
+        Some(EndAgain(key))
+    } else {
+        None
+    };
     let body = forward::passthrough(
         body,
         (guard, permit, end_again),
