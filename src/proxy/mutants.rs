@@ -52,7 +52,8 @@ pub enum Mutant {
     /// Race 5 (a second terminal write after headers were sent). The
     /// streaming passthrough ends the response when the upstream body ends,
     /// and its close listener ends it again after the request was released.
-    /// Killed by `write-after-release`.
+    /// Killed by `double-terminal` (the second end also breaks
+    /// `write-after-release`).
     DoubleEnd,
     /// Race 6 (streaming: the client is gone before the upstream answers).
     /// A streaming attempt runs detached and pipes the upstream's head into
@@ -143,9 +144,8 @@ impl Mutant {
     pub fn target(self) -> &'static str {
         match self {
             Mutant::TimerNotCancelled => "stale-access",
-            Mutant::AbortWritesError | Mutant::DoubleEnd | Mutant::StreamPipedAfterClose => {
-                "write-after-release"
-            }
+            Mutant::AbortWritesError | Mutant::StreamPipedAfterClose => "write-after-release",
+            Mutant::DoubleEnd => "double-terminal",
             Mutant::CancelMissedBeforeArm
             | Mutant::RetryReresolvesUser
             | Mutant::RetryOutlivesClient => "attempt-after-cancel",

@@ -13,6 +13,7 @@ use super::trace::{Event, Live};
 pub const INVARIANTS: &[&str] = &[
     "stale-access",
     "write-after-release",
+    "double-terminal",
     "attempt-after-cancel",
     "cross-user-delivery",
     "proxy-crash",
@@ -82,6 +83,8 @@ struct Walk {
     /// key -> (user, fingerprint) for every admitted request.
     admitted: BTreeMap<u64, (String, String)>,
     released: BTreeSet<u64>,
+    /// key -> (time, what) of the first terminal answer written to its client.
+    answered: BTreeMap<u64, (u64, String)>,
     /// fingerprint -> time its client left (a tab refresh).
     abandoned_at: BTreeMap<String, u64>,
     /// fingerprint -> time the proxy released or cancelled its request.
@@ -198,6 +201,7 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
                     format!("the proxy wrote '{what}' to the client of request {key:#x} (user {user}) after the request was released, at {}", secs(t))
                 });
             }
+            step_terminal(w, e);
         }
         "tab.send" => {
             w.waiting
@@ -290,6 +294,30 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
             w.report("proxy-crash", t, || msg);
         }
         _ => {}
+    }
+}
+
+/// What the proxy writes that ends a client's answer: the end of the body
+/// (a whole answer, or the last of a stream) or an error answer.
+const TERMINAL_WRITES: &[&str] = &["end", "error"];
+
+/// One answer per request: after its terminal write nothing more may reach
+/// the client, neither a second terminal answer nor anything else.
+fn step_terminal(w: &mut Walk, e: &Event) {
+    let (t, key, what) = (e.t_us, e.u64("key"), e.str("what"));
+    if let Some((first_t, first)) = w.answered.get(&key).cloned() {
+        let user = w.user_of(key).to_string();
+        let what = what.to_string();
+        let kind = if TERMINAL_WRITES.contains(&what.as_str()) {
+            "a second terminal answer"
+        } else {
+            "a write"
+        };
+        w.report("double-terminal", t, || {
+            format!("the proxy wrote {kind} ('{what}') to the client of request {key:#x} (user {user}) at {}, after its terminal answer ('{first}') at {}", secs(t), secs(first_t))
+        });
+    } else if TERMINAL_WRITES.contains(&what) {
+        w.answered.insert(key, (t, what.to_string()));
     }
 }
 
@@ -515,6 +543,58 @@ mod tests {
                     ev(20, "req.stale", json!({"key": 1, "op": "x"})),
                 ],
                 Some("stale-access"),
+            ),
+            // A stream: its head, then the end of its body.
+            (
+                vec![
+                    admit.clone(),
+                    ev(2, "client.write", json!({"key": 1, "what": "head"})),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    release.clone(),
+                ],
+                None,
+            ),
+            // The end written twice before the release.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "end"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
+            // An error answer after the end of the body.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "error"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
+            // A head written after an error answer.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "error"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "head"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
+            // One answer each for two requests.
+            (
+                vec![
+                    admit.clone(),
+                    ev(1, "req.admit", json!({"key": 2, "user": "bob", "fp": "bb"})),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    ev(6, "client.write", json!({"key": 2, "what": "error"})),
+                    release.clone(),
+                    ev(11, "req.release", json!({"key": 2})),
+                ],
+                None,
             ),
             (
                 vec![
