@@ -80,12 +80,27 @@ impl RetryBudget {
         }
     }
 
+    fn bucket_ms(&self) -> u64 {
+        (self.cfg.window_ms / BUCKETS as u64).max(1)
+    }
+
     fn epoch(&self) -> u64 {
-        let bucket_ms = (self.cfg.window_ms / BUCKETS as u64).max(1);
         Instant::now()
             .saturating_duration_since(self.base)
             .as_millis() as u64
-            / bucket_ms
+            / self.bucket_ms()
+    }
+
+    /// Reports this budget's parameters (`budget.config`), so the oracle
+    /// can judge the retries that reach the upstream against them.
+    pub fn announce(&self) {
+        crate::events::budget_config(
+            self.cfg.enabled,
+            self.cfg.retry_ratio,
+            self.cfg.retries_per_window_min,
+            self.bucket_ms(),
+            BUCKETS as u64,
+        );
     }
 
     fn with_buckets<R>(&self, key: &str, f: impl FnOnce(&mut [Bucket; BUCKETS], u64) -> R) -> R {
