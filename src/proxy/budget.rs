@@ -136,6 +136,17 @@ impl RetryBudget {
 
     /// Takes one retry from the budget; false when none is left.
     pub fn try_retry(&self, key: &str) -> bool {
+        self.retry_left(key, true)
+    }
+
+    /// Whether a retry is left, without taking it: only
+    /// [`Mutant::BudgetNeverCharged`](super::Mutant::BudgetNeverCharged)
+    /// asks this instead of [`Self::try_retry`].
+    pub fn peek_retry(&self, key: &str) -> bool {
+        self.retry_left(key, false)
+    }
+
+    fn retry_left(&self, key: &str, charge: bool) -> bool {
         if !self.cfg.enabled {
             return true;
         }
@@ -149,7 +160,9 @@ impl RetryBudget {
             });
             let allowed = (floor as f64).max(ratio * requests as f64);
             if (retries as f64) < allowed {
-                b[(epoch % BUCKETS as u64) as usize].retries += 1;
+                if charge {
+                    b[(epoch % BUCKETS as u64) as usize].retries += 1;
+                }
                 true
             } else {
                 false
@@ -192,6 +205,14 @@ mod tests {
         assert!(!b.try_retry("k"));
         tokio::time::advance(Duration::from_millis(10_500)).await;
         assert!(b.try_retry("k"), "spent retries leave the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peek_takes_nothing() {
+        let b = budget(0.0, 1);
+        assert!((0..5).all(|_| b.peek_retry("k")));
+        assert!(b.try_retry("k"));
+        assert!(!b.peek_retry("k") && !b.try_retry("k"));
     }
 
     #[test]

@@ -324,7 +324,12 @@ async fn after_failure(
         }
         Next::Wait { wait_ms } => wait_ms,
     };
-    if !state.budget.try_retry(&cx.upstream_id) {
+    let retry_left = if cx.mutant(Mutant::BudgetNeverCharged) {
+        state.budget.peek_retry(&cx.upstream_id)
+    } else {
+        state.budget.try_retry(&cx.upstream_id)
+    };
+    if !retry_left {
         events::attempt_end(id, attempt, a.status, "budget-exhausted", wait_ms);
         return Err(give_up(
             Some(wait_ms),

@@ -101,10 +101,17 @@ pub enum Mutant {
     /// measured to do (2 to 3 upstream attempts after the client left).
     /// Killed by `attempt-after-cancel`; the probe sees it from outside.
     RetryOutlivesClient,
+    /// The retry budget is never charged (issue 6): the retry loop asks
+    /// whether a retry is left but never takes it, so the floor and the
+    /// ratio bound nothing and a failing upstream gets every retry the
+    /// policy allows, from every request at once. Killed by
+    /// `budget-exceeded`; needs a budget that binds (a low floor, most
+    /// attempts failing).
+    BudgetNeverCharged,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 14] = [
+    pub const ALL: [Mutant; 15] = [
         Mutant::TimerNotCancelled,
         Mutant::AbortWritesError,
         Mutant::CancelMissedBeforeArm,
@@ -119,6 +126,7 @@ impl Mutant {
         Mutant::CapCountsAllUsers,
         Mutant::BackoffInSeconds,
         Mutant::RetryOutlivesClient,
+        Mutant::BudgetNeverCharged,
     ];
 
     pub fn name(self) -> &'static str {
@@ -137,6 +145,7 @@ impl Mutant {
             Mutant::CapCountsAllUsers => "mutant-cap-counts-all-users",
             Mutant::BackoffInSeconds => "mutant-backoff-in-seconds",
             Mutant::RetryOutlivesClient => "mutant-retry-outlives-client",
+            Mutant::BudgetNeverCharged => "mutant-budget-never-charged",
         }
     }
 
@@ -156,6 +165,7 @@ impl Mutant {
             Mutant::GatePerUser => "gate-violated",
             Mutant::CapCountsAllUsers => "starvation",
             Mutant::BackoffInSeconds => "liveness",
+            Mutant::BudgetNeverCharged => "budget-exceeded",
         }
     }
 

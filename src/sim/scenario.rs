@@ -31,10 +31,15 @@ pub const EMBEDDED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Scenarios aimed at one race (a refresh or a logout at a precise phase),
-/// loadable by name. `tavernsim mutants` runs them to kill the mutants that
-/// need them; `fuzz` runs them only when named.
+/// Scenarios aimed at one race (a refresh or a logout at a precise phase)
+/// or at one policy (a budget that binds), loadable by name. `tavernsim
+/// mutants` runs them to kill the mutants that need them; `fuzz` runs them
+/// only when named.
 pub const AIMED: &[(&str, &str)] = &[
+    (
+        "budget-storm",
+        include_str!("../../sims/aimed/budget-storm.toml"),
+    ),
     (
         "logout-during-retry",
         include_str!("../../sims/aimed/logout-during-retry.toml"),
