@@ -88,6 +88,27 @@ pub fn task_end(key: u64, what: &str) {
     ev!("task.end", key, what);
 }
 
+/// The retry budget the proxy starts with (once, at start; the fixed
+/// design and its mutants only). Its memory is `buckets` slices of
+/// `bucket_ms`: a retry is forgotten after at least `buckets - 1` and at
+/// most `buckets` of them.
+pub fn budget_config(
+    enabled: bool,
+    retry_ratio: f64,
+    retries_per_window_min: u32,
+    bucket_ms: u64,
+    buckets: u64,
+) {
+    ev!(
+        "budget.config",
+        enabled,
+        retry_ratio,
+        retries_per_window_min,
+        bucket_ms,
+        buckets
+    );
+}
+
 /// A retry timer was armed.
 pub fn retry_armed(key: u64, wait_ms: u64) {
     ev!("retry.armed", key, wait_ms);

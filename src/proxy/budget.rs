@@ -80,12 +80,27 @@ impl RetryBudget {
         }
     }
 
+    fn bucket_ms(&self) -> u64 {
+        (self.cfg.window_ms / BUCKETS as u64).max(1)
+    }
+
     fn epoch(&self) -> u64 {
-        let bucket_ms = (self.cfg.window_ms / BUCKETS as u64).max(1);
         Instant::now()
             .saturating_duration_since(self.base)
             .as_millis() as u64
-            / bucket_ms
+            / self.bucket_ms()
+    }
+
+    /// Reports this budget's parameters (`budget.config`), so the oracle
+    /// can judge the retries that reach the upstream against them.
+    pub fn announce(&self) {
+        crate::events::budget_config(
+            self.cfg.enabled,
+            self.cfg.retry_ratio,
+            self.cfg.retries_per_window_min,
+            self.bucket_ms(),
+            BUCKETS as u64,
+        );
     }
 
     fn with_buckets<R>(&self, key: &str, f: impl FnOnce(&mut [Bucket; BUCKETS], u64) -> R) -> R {
@@ -121,6 +136,17 @@ impl RetryBudget {
 
     /// Takes one retry from the budget; false when none is left.
     pub fn try_retry(&self, key: &str) -> bool {
+        self.retry_left(key, true)
+    }
+
+    /// Whether a retry is left, without taking it: only
+    /// [`Mutant::BudgetNeverCharged`](super::Mutant::BudgetNeverCharged)
+    /// asks this instead of [`Self::try_retry`].
+    pub fn peek_retry(&self, key: &str) -> bool {
+        self.retry_left(key, false)
+    }
+
+    fn retry_left(&self, key: &str, charge: bool) -> bool {
         if !self.cfg.enabled {
             return true;
         }
@@ -134,7 +160,9 @@ impl RetryBudget {
             });
             let allowed = (floor as f64).max(ratio * requests as f64);
             if (retries as f64) < allowed {
-                b[(epoch % BUCKETS as u64) as usize].retries += 1;
+                if charge {
+                    b[(epoch % BUCKETS as u64) as usize].retries += 1;
+                }
                 true
             } else {
                 false
@@ -177,6 +205,14 @@ mod tests {
         assert!(!b.try_retry("k"));
         tokio::time::advance(Duration::from_millis(10_500)).await;
         assert!(b.try_retry("k"), "spent retries leave the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peek_takes_nothing() {
+        let b = budget(0.0, 1);
+        assert!((0..5).all(|_| b.peek_retry("k")));
+        assert!(b.try_retry("k"));
+        assert!(!b.peek_retry("k") && !b.try_retry("k"));
     }
 
     #[test]

@@ -324,7 +324,12 @@ async fn after_failure(
         }
         Next::Wait { wait_ms } => wait_ms,
     };
-    if !state.budget.try_retry(&cx.upstream_id) {
+    let retry_left = if cx.mutant(Mutant::BudgetNeverCharged) {
+        state.budget.peek_retry(&cx.upstream_id)
+    } else {
+        state.budget.try_retry(&cx.upstream_id)
+    };
+    if !retry_left {
         events::attempt_end(id, attempt, a.status, "budget-exhausted", wait_ms);
         return Err(give_up(
             Some(wait_ms),
@@ -470,8 +475,14 @@ fn deliver_stream(
         idle: Some(Duration::from_millis(cx.state.cfg.stream_idle_ms)),
         stop: Some(cx.cancel.clone()),
     };
-    // Fields drop in order: the second end comes after the release.
-    let end_again = cx.mutant(Mutant::DoubleEnd).then_some(EndAgain(key));
+    // Fields drop in order: the second end comes after the release. Built
+    // only for the mutant: an `EndAgain` made and dropped at once (as
+    // `then_some` would) reports an end before the body was sent.
+    let end_again = if cx.mutant(Mutant::DoubleEnd) {
+        Some(EndAgain(key))
+    } else {
+        None
+    };
     let body = forward::passthrough(
         body,
         (guard, permit, end_again),

@@ -203,10 +203,15 @@ impl ProxyState {
         exit: ExitHook,
     ) -> Arc<Self> {
         let cfg_login = cfg.login.clone();
+        let budget = budget::RetryBudget::new(cfg.budget.clone());
+        // The SillyTavern variants reproduce a proxy without a budget.
+        if !cfg.variant.is_sillytavern() {
+            budget.announce();
+        }
         Arc::new(Self {
             table: RequestTable::new(cfg.requests_max),
             gates: gate::Gates::default(),
-            budget: budget::RetryBudget::new(cfg.budget.clone()),
+            budget,
             limiter: fair::FairLimiter::with_order(
                 cfg.fairness.upstream_concurrency_max,
                 cfg.fairness.round_robin,

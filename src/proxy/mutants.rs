@@ -52,7 +52,8 @@ pub enum Mutant {
     /// Race 5 (a second terminal write after headers were sent). The
     /// streaming passthrough ends the response when the upstream body ends,
     /// and its close listener ends it again after the request was released.
-    /// Killed by `write-after-release`.
+    /// Killed by `double-terminal` (the second end also breaks
+    /// `write-after-release`).
     DoubleEnd,
     /// Race 6 (streaming: the client is gone before the upstream answers).
     /// A streaming attempt runs detached and pipes the upstream's head into
@@ -100,10 +101,17 @@ pub enum Mutant {
     /// measured to do (2 to 3 upstream attempts after the client left).
     /// Killed by `attempt-after-cancel`; the probe sees it from outside.
     RetryOutlivesClient,
+    /// The retry budget is never charged (issue 6): the retry loop asks
+    /// whether a retry is left but never takes it, so the floor and the
+    /// ratio bound nothing and a failing upstream gets every retry the
+    /// policy allows, from every request at once. Killed by
+    /// `budget-exceeded`; needs a budget that binds (a low floor, most
+    /// attempts failing).
+    BudgetNeverCharged,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 14] = [
+    pub const ALL: [Mutant; 15] = [
         Mutant::TimerNotCancelled,
         Mutant::AbortWritesError,
         Mutant::CancelMissedBeforeArm,
@@ -118,6 +126,7 @@ impl Mutant {
         Mutant::CapCountsAllUsers,
         Mutant::BackoffInSeconds,
         Mutant::RetryOutlivesClient,
+        Mutant::BudgetNeverCharged,
     ];
 
     pub fn name(self) -> &'static str {
@@ -136,6 +145,7 @@ impl Mutant {
             Mutant::CapCountsAllUsers => "mutant-cap-counts-all-users",
             Mutant::BackoffInSeconds => "mutant-backoff-in-seconds",
             Mutant::RetryOutlivesClient => "mutant-retry-outlives-client",
+            Mutant::BudgetNeverCharged => "mutant-budget-never-charged",
         }
     }
 
@@ -143,9 +153,8 @@ impl Mutant {
     pub fn target(self) -> &'static str {
         match self {
             Mutant::TimerNotCancelled => "stale-access",
-            Mutant::AbortWritesError | Mutant::DoubleEnd | Mutant::StreamPipedAfterClose => {
-                "write-after-release"
-            }
+            Mutant::AbortWritesError | Mutant::StreamPipedAfterClose => "write-after-release",
+            Mutant::DoubleEnd => "double-terminal",
             Mutant::CancelMissedBeforeArm
             | Mutant::RetryReresolvesUser
             | Mutant::RetryOutlivesClient => "attempt-after-cancel",
@@ -156,6 +165,7 @@ impl Mutant {
             Mutant::GatePerUser => "gate-violated",
             Mutant::CapCountsAllUsers => "starvation",
             Mutant::BackoffInSeconds => "liveness",
+            Mutant::BudgetNeverCharged => "budget-exceeded",
         }
     }
 

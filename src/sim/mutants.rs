@@ -48,6 +48,7 @@ pub fn plan(m: Mutant) -> Plan {
         Mutant::CapCountsAllUsers => ("one-user-floods", 3),
         Mutant::BackoffInSeconds => ("refresh-during-retry", 3),
         Mutant::RetryOutlivesClient => ("refresh-during-retry", 5),
+        Mutant::BudgetNeverCharged => ("budget-storm", 3),
     };
     Plan {
         mutant: m,

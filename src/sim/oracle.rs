@@ -3,7 +3,7 @@
 //! Architecture Invariant: the oracle reads only the trace
 //! ([`super::trace::Event`]), never the proxy's memory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 
@@ -13,12 +13,14 @@ use super::trace::{Event, Live};
 pub const INVARIANTS: &[&str] = &[
     "stale-access",
     "write-after-release",
+    "double-terminal",
     "attempt-after-cancel",
     "cross-user-delivery",
     "proxy-crash",
     "leak",
     "retry-after-violated",
     "gate-violated",
+    "budget-exceeded",
     "starvation",
     "liveness",
 ];
@@ -82,6 +84,8 @@ struct Walk {
     /// key -> (user, fingerprint) for every admitted request.
     admitted: BTreeMap<u64, (String, String)>,
     released: BTreeSet<u64>,
+    /// key -> (time, what) of the first terminal answer written to its client.
+    answered: BTreeMap<u64, (u64, String)>,
     /// fingerprint -> time its client left (a tab refresh).
     abandoned_at: BTreeMap<String, u64>,
     /// fingerprint -> time the proxy released or cancelled its request.
@@ -100,9 +104,43 @@ struct Walk {
     hinted: BTreeMap<String, (u64, u64)>,
     /// The latest hinted 429 for the (one) upstream key: (sent at, wait end).
     gate: Option<(u64, u64)>,
+    /// The retry budget the proxy announced (`budget.config`); none or
+    /// disabled: `budget-exceeded` is not judged.
+    budget: Option<BudgetSpec>,
+    /// When each request was admitted: the requests a budget's ratio counts.
+    admitted_at: Vec<u64>,
+    /// fingerprint -> key (one request per fingerprint: every send carries
+    /// a fresh nonce).
+    key_of: BTreeMap<String, u64>,
+    /// key -> when the proxy decided each retry not yet seen at the upstream.
+    retry_decided: BTreeMap<u64, VecDeque<u64>>,
+    /// Retries that reached the upstream, dated when the proxy decided them.
+    retries: Vec<Retry>,
     /// user -> (answers waited for to the end, completions among them).
     served: BTreeMap<String, (u64, u64)>,
     found: BTreeMap<&'static str, Violation>,
+}
+
+/// A retry budget as `budget.config` states it, in microseconds.
+#[derive(Clone, Copy, Debug)]
+struct BudgetSpec {
+    ratio: f64,
+    floor: u64,
+    /// The budget always remembers a retry for at least this long...
+    remembers_us_min: u64,
+    /// ...and never counts a request for longer than this.
+    remembers_us_max: u64,
+}
+
+/// A retry seen at the upstream.
+#[derive(Clone, Debug)]
+struct Retry {
+    /// When the proxy decided it (when the budget was asked), or when it
+    /// reached the upstream if the proxy never said.
+    decided: u64,
+    arrived: u64,
+    fp: String,
+    attempt: u64,
 }
 
 impl Walk {
@@ -136,7 +174,10 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
     for e in events {
         step(&mut w, e, grace);
         step_rates(&mut w, e, grace.client_gone_us, ending.outside);
+        step_budget(&mut w, e);
     }
+    // What reached the upstream before a crash or a cut still counts.
+    check_budget(&mut w);
     let t_end = events.last().map(|e| e.t_us).unwrap_or(0);
     if !ending.crashed && !ending.cut_short {
         check_leak(&mut w, ending, t_end);
@@ -198,6 +239,7 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
                     format!("the proxy wrote '{what}' to the client of request {key:#x} (user {user}) after the request was released, at {}", secs(t))
                 });
             }
+            step_terminal(w, e);
         }
         "tab.send" => {
             w.waiting
@@ -293,6 +335,30 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
     }
 }
 
+/// What the proxy writes that ends a client's answer: the end of the body
+/// (a whole answer, or the last of a stream) or an error answer.
+const TERMINAL_WRITES: &[&str] = &["end", "error"];
+
+/// One answer per request: after its terminal write nothing more may reach
+/// the client, neither a second terminal answer nor anything else.
+fn step_terminal(w: &mut Walk, e: &Event) {
+    let (t, key, what) = (e.t_us, e.u64("key"), e.str("what"));
+    if let Some((first_t, first)) = w.answered.get(&key).cloned() {
+        let user = w.user_of(key).to_string();
+        let what = what.to_string();
+        let kind = if TERMINAL_WRITES.contains(&what.as_str()) {
+            "a second terminal answer"
+        } else {
+            "a write"
+        };
+        w.report("double-terminal", t, || {
+            format!("the proxy wrote {kind} ('{what}') to the client of request {key:#x} (user {user}) at {}, after its terminal answer ('{first}') at {}", secs(t), secs(first_t))
+        });
+    } else if TERMINAL_WRITES.contains(&what) {
+        w.answered.insert(key, (t, what.to_string()));
+    }
+}
+
 /// Retry-After and the shared gate, judged at the upstream.
 fn step_rates(w: &mut Walk, e: &Event, grace_us: u64, outside: bool) {
     let t = e.t_us;
@@ -347,6 +413,111 @@ fn step_rates(w: &mut Walk, e: &Event, grace_us: u64, outside: bool) {
             entry.1 += u64::from(!e.bool("error"));
         }
         _ => {}
+    }
+}
+
+/// The retry budget, judged from what reached the upstream: the retries
+/// (the mock's second and later attempts of a generation), each dated when
+/// the proxy decided it, against the requests the proxy admitted.
+fn step_budget(w: &mut Walk, e: &Event) {
+    let t = e.t_us;
+    match e.kind.as_str() {
+        "budget.config" => {
+            // A proxy that starts again starts with an empty budget.
+            check_budget(w);
+            w.admitted_at.clear();
+            w.retry_decided.clear();
+            let bucket_us = e.u64("bucket_ms").saturating_mul(1000);
+            let buckets = e.u64("buckets");
+            w.budget = e.bool("enabled").then(|| BudgetSpec {
+                ratio: e.f64("retry_ratio"),
+                floor: e.u64("retries_per_window_min"),
+                remembers_us_min: bucket_us.saturating_mul(buckets.saturating_sub(1)),
+                remembers_us_max: bucket_us.saturating_mul(buckets),
+            });
+        }
+        "req.admit" => {
+            w.admitted_at.push(t);
+            w.key_of.insert(e.str("fp").to_string(), e.u64("key"));
+        }
+        // The proxy asks the budget just before it reports a retry decision.
+        "attempt.end" if matches!(e.str("decision"), "retry" | "backoff") => {
+            w.retry_decided
+                .entry(e.u64("key"))
+                .or_default()
+                .push_back(t);
+        }
+        "upstream.attempt" if e.u64("attempt") >= 2 => {
+            let fp = e.str("fp").to_string();
+            let decided = w
+                .key_of
+                .get(&fp)
+                .and_then(|k| w.retry_decided.get_mut(k))
+                .and_then(VecDeque::pop_front)
+                .unwrap_or(t);
+            w.retries.push(Retry {
+                decided,
+                arrived: t,
+                fp,
+                attempt: e.u64("attempt"),
+            });
+        }
+        _ => {}
+    }
+}
+
+/// Every retry that reached the upstream is judged at the moment the proxy
+/// decided it: the retries decided within the span the budget always
+/// remembers, up to and including it, may not outnumber what the budget
+/// allowed then (its floor, or its ratio of the requests admitted within
+/// the longest span it remembers). Both spans err towards the proxy.
+///
+/// The simulated world has one upstream key (as `gate-violated` also
+/// assumes), so every retry counts against one budget.
+fn check_budget(w: &mut Walk) {
+    let mut retries = std::mem::take(&mut w.retries);
+    let Some(b) = w.budget else {
+        return;
+    };
+    retries.sort_by_key(|r| r.decided);
+    let admitted = &w.admitted_at;
+    let (mut lo, mut hi, mut q_lo, mut q_hi) = (0, 0, 0, 0);
+    let mut broken = Vec::new();
+    for r in &retries {
+        let c = r.decided;
+        // Every retry decided at the same moment counts: the last of them
+        // was asked with all the others already taken.
+        while hi < retries.len() && retries[hi].decided <= c {
+            hi += 1;
+        }
+        while lo < hi && retries[lo].decided.saturating_add(b.remembers_us_min) <= c {
+            lo += 1;
+        }
+        while q_hi < admitted.len() && admitted[q_hi] <= c {
+            q_hi += 1;
+        }
+        while q_lo < q_hi && admitted[q_lo].saturating_add(b.remembers_us_max) <= c {
+            q_lo += 1;
+        }
+        let (count, requests) = ((hi - lo) as u64, (q_hi - q_lo) as u64);
+        let allowed = (b.floor as f64).max(b.ratio * requests as f64).ceil() as u64;
+        if count > allowed {
+            broken.push((r.clone(), count, requests, allowed));
+        }
+    }
+    for (r, count, requests, allowed) in broken {
+        let (min, max) = (secs(b.remembers_us_min), secs(b.remembers_us_max));
+        w.report("budget-exceeded", r.decided, || {
+            format!(
+                "{count} retries the proxy decided within {min} up to {} reached the upstream (the last: attempt {} of generation {}, at the upstream at {}); the budget allows {allowed}: {} per window, or {} of the {requests} requests admitted within {max}",
+                secs(r.decided),
+                r.attempt,
+                r.fp,
+                secs(r.arrived),
+                b.floor,
+                b.ratio
+            )
+        });
     }
 }
 
@@ -516,6 +687,58 @@ mod tests {
                 ],
                 Some("stale-access"),
             ),
+            // A stream: its head, then the end of its body.
+            (
+                vec![
+                    admit.clone(),
+                    ev(2, "client.write", json!({"key": 1, "what": "head"})),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    release.clone(),
+                ],
+                None,
+            ),
+            // The end written twice before the release.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "end"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
+            // An error answer after the end of the body.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "error"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
+            // A head written after an error answer.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "error"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "head"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
+            // One answer each for two requests.
+            (
+                vec![
+                    admit.clone(),
+                    ev(1, "req.admit", json!({"key": 2, "user": "bob", "fp": "bb"})),
+                    ev(5, "client.write", json!({"key": 1, "what": "end"})),
+                    ev(6, "client.write", json!({"key": 2, "what": "error"})),
+                    release.clone(),
+                    ev(11, "req.release", json!({"key": 2})),
+                ],
+                None,
+            ),
             (
                 vec![
                     ev(0, "tab.abandon", json!({"fp": "aa"})),
@@ -634,6 +857,110 @@ mod tests {
                 .collect();
             assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "case {i}");
         }
+    }
+
+    /// A budget of 2 retries per window or half the requests, remembering
+    /// retries 9 s to 10 s; `requests` admitted at 0; each retry
+    /// (decided at, reached the upstream at, in ms) is one request's.
+    fn budgeted(enabled: bool, requests: u64, retries: &[(u64, u64)]) -> Vec<Event> {
+        let mut v = vec![ev(
+            0,
+            "budget.config",
+            json!({"enabled": enabled, "retry_ratio": 0.5, "retries_per_window_min": 2, "bucket_ms": 1000, "buckets": 10}),
+        )];
+        for k in 0..requests {
+            v.push(ev(
+                0,
+                "req.admit",
+                json!({"key": k, "user": "alice", "fp": format!("f{k}")}),
+            ));
+        }
+        for (i, &(decided, arrived)) in retries.iter().enumerate() {
+            let k = i as u64 % requests;
+            let n = 2 + i as u64 / requests;
+            v.push(ev(
+                decided * 1000,
+                "attempt.end",
+                json!({"key": k, "attempt": n - 1, "status": 429, "decision": "backoff"}),
+            ));
+            v.push(ev(
+                arrived * 1000,
+                "upstream.attempt",
+                json!({"fp": format!("f{k}"), "attempt": n}),
+            ));
+        }
+        v.sort_by_key(|e| e.t_us);
+        v
+    }
+
+    fn budget_verdict(events: &[Event]) -> Option<Violation> {
+        check(events, &clean(), &GRACE)
+            .into_iter()
+            .find(|v| v.invariant == "budget-exceeded")
+    }
+
+    /// One line per case: the trace, and whether the budget was exceeded.
+    #[test]
+    fn budget_exceeded_judges_retries_at_the_upstream_by_when_they_were_decided() {
+        let cases: Vec<(&str, Vec<Event>, bool)> = vec![
+            (
+                "the floor",
+                budgeted(true, 1, &[(0, 100), (500, 600)]),
+                false,
+            ),
+            (
+                "over the floor",
+                budgeted(true, 1, &[(0, 100), (500, 600), (900, 1000)]),
+                true,
+            ),
+            (
+                "the ratio of 6 requests allows 3",
+                budgeted(true, 6, &[(0, 100), (500, 600), (900, 1000)]),
+                false,
+            ),
+            (
+                "...not 4",
+                budgeted(true, 6, &[(0, 100), (500, 600), (900, 1000), (950, 990)]),
+                true,
+            ),
+            (
+                "spread over more than the window",
+                budgeted(true, 1, &[(0, 100), (1000, 1100), (9500, 9600)]),
+                false,
+            ),
+            // Decided 9.4 s apart, arriving together: dated by the decision.
+            (
+                "bunched at the upstream only",
+                budgeted(true, 3, &[(0, 9500), (0, 9500), (9400, 9450)]),
+                false,
+            ),
+            (
+                "bunched when decided",
+                budgeted(true, 3, &[(9000, 9100), (9000, 9200), (9400, 9450)]),
+                true,
+            ),
+            (
+                "a disabled budget",
+                budgeted(false, 1, &[(0, 100), (500, 600), (900, 1000)]),
+                false,
+            ),
+        ];
+        for (name, events, want) in cases {
+            assert_eq!(budget_verdict(&events).is_some(), want, "{name}");
+        }
+        // A decided retry that never reached the upstream spent nothing.
+        let mut events = budgeted(true, 1, &[(0, 100), (500, 600)]);
+        events.push(ev(
+            900_000,
+            "attempt.end",
+            json!({"key": 0, "attempt": 3, "status": 429, "decision": "backoff"}),
+        ));
+        assert_eq!(budget_verdict(&events), None);
+        // No budget announced (the SillyTavern variants, the probe): not judged.
+        let unannounced = budgeted(true, 1, &[(0, 100), (500, 600), (900, 1000)]);
+        assert_eq!(budget_verdict(&unannounced[1..]), None);
+        let v = budget_verdict(&budgeted(true, 1, &[(0, 1), (1, 2), (2, 3), (3, 4)])).unwrap();
+        assert_eq!((v.count, v.t_us), (2, 2000), "{}", v.message);
     }
 
     #[test]

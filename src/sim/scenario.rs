@@ -31,17 +31,22 @@ pub const EMBEDDED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Scenarios aimed at one race (a refresh or a logout at a precise phase),
-/// loadable by name. `tavernsim mutants` runs them to kill the mutants that
-/// need them; `fuzz` runs them only when named.
+/// Scenarios aimed at one race (a refresh or a logout at a precise phase)
+/// or at one policy (a budget that binds), loadable by name. `tavernsim
+/// mutants` runs them to kill the mutants that need them; `fuzz` runs them
+/// only when named.
 pub const AIMED: &[(&str, &str)] = &[
     (
         "network-faults",
-        include_str!("../../sims/network-faults.toml"),
+        include_str!("../../sims/aimed/network-faults.toml"),
     ),
     (
         "slow-upstream",
-        include_str!("../../sims/slow-upstream.toml"),
+        include_str!("../../sims/aimed/slow-upstream.toml"),
+    ),
+    (
+        "budget-storm",
+        include_str!("../../sims/aimed/budget-storm.toml"),
     ),
     (
         "logout-during-retry",

@@ -50,6 +50,9 @@ impl Event {
     pub fn str(&self, name: &str) -> &str {
         self.fields.get(name).and_then(Value::as_str).unwrap_or("")
     }
+    pub fn f64(&self, name: &str) -> f64 {
+        self.fields.get(name).and_then(Value::as_f64).unwrap_or(0.0)
+    }
     pub fn bool(&self, name: &str) -> bool {
         self.fields
             .get(name)
@@ -315,6 +318,9 @@ impl Visit for FieldMap {
         self.0.insert(f.name().into(), Value::from(v));
     }
     fn record_i64(&mut self, f: &Field, v: i64) {
+        self.0.insert(f.name().into(), Value::from(v));
+    }
+    fn record_f64(&mut self, f: &Field, v: f64) {
         self.0.insert(f.name().into(), Value::from(v));
     }
     fn record_bool(&mut self, f: &Field, v: bool) {
