@@ -235,7 +235,9 @@ async fn drive(spec: &ProbeSpec) -> anyhow::Result<Outcome> {
         );
         let sc = Arc::clone(&spec.scenario);
         handles.push(tokio::spawn(async move {
-            run_tab(tab, plan, sc).await.map_err(|e| e.to_string())
+            run_tab(tab, plan, sc, None)
+                .await
+                .map_err(|e| e.to_string())
         }));
     }
     // Tabs stop starting generations at `time`; one in flight may take its

@@ -86,6 +86,22 @@ impl Ctx<'_> {
 }
 
 pub async fn run(job: Job) -> Response {
+    let hook = (job.state.cfg.variant.mutant() == Some(Mutant::CancelBySession))
+        .then(|| {
+            let table = job.guard.table().clone();
+            let sid = table.read(job.guard.key(), "session", |e| e.meta.session_id);
+            sid.ok()
+                .map(|sid| mutants::SessionCancelOnDrop::arm(table, sid))
+        })
+        .flatten();
+    let response = handle(job).await;
+    if let Some(h) = hook {
+        h.disarm();
+    }
+    response
+}
+
+async fn handle(job: Job) -> Response {
     let Job {
         state,
         guard,

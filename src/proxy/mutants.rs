@@ -108,10 +108,16 @@ pub enum Mutant {
     /// `budget-exceeded`; needs a budget that binds (a low floor, most
     /// attempts failing).
     BudgetNeverCharged,
+    /// Race 8 (two tabs of one user share a cookie). Cancellation is keyed
+    /// by session instead of by request: when a client leaves, every
+    /// request of its session is cancelled, so refreshing tab A also
+    /// cancels the generation tab B is still waiting for. Killed by
+    /// `wrong-cancel`; needs tabs that share a session.
+    CancelBySession,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 15] = [
+    pub const ALL: [Mutant; 16] = [
         Mutant::TimerNotCancelled,
         Mutant::AbortWritesError,
         Mutant::CancelMissedBeforeArm,
@@ -127,6 +133,7 @@ impl Mutant {
         Mutant::BackoffInSeconds,
         Mutant::RetryOutlivesClient,
         Mutant::BudgetNeverCharged,
+        Mutant::CancelBySession,
     ];
 
     pub fn name(self) -> &'static str {
@@ -146,6 +153,7 @@ impl Mutant {
             Mutant::BackoffInSeconds => "mutant-backoff-in-seconds",
             Mutant::RetryOutlivesClient => "mutant-retry-outlives-client",
             Mutant::BudgetNeverCharged => "mutant-budget-never-charged",
+            Mutant::CancelBySession => "mutant-cancel-by-session",
         }
     }
 
@@ -166,6 +174,7 @@ impl Mutant {
             Mutant::CapCountsAllUsers => "starvation",
             Mutant::BackoffInSeconds => "liveness",
             Mutant::BudgetNeverCharged => "budget-exceeded",
+            Mutant::CancelBySession => "wrong-cancel",
         }
     }
 
@@ -178,6 +187,7 @@ impl Mutant {
             Mutant::DoubleEnd => Some(5),
             Mutant::StreamPipedAfterClose => Some(6),
             Mutant::RetryReresolvesUser => Some(7),
+            Mutant::CancelBySession => Some(8),
             _ => None,
         }
     }
@@ -198,6 +208,38 @@ impl CatchOnAbort {
     /// The call ended normally: nothing to catch.
     pub fn disarm(mut self) {
         self.0 = None;
+    }
+}
+
+/// `CancelBySession`: armed while a request is handled; dropped armed (the
+/// client left), it cancels every request of the session.
+pub struct SessionCancelOnDrop {
+    table: Arc<super::requests::RequestTable>,
+    session_id: u64,
+    armed: bool,
+}
+
+impl SessionCancelOnDrop {
+    pub fn arm(table: Arc<super::requests::RequestTable>, session_id: u64) -> Self {
+        Self {
+            table,
+            session_id,
+            armed: true,
+        }
+    }
+
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for SessionCancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let sid = self.session_id;
+            self.table
+                .cancel_where("client-gone", |m| m.session_id == sid);
+        }
     }
 }
 

@@ -121,7 +121,7 @@ async fn connect(
 
 /// A logged-in tab's credentials: the session cookies and the CSRF token,
 /// or a bearer token.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Login {
     cookie: String,
     csrf: String,
@@ -206,15 +206,30 @@ async fn exchange(
     })
 }
 
-/// Runs one tab to the end of its plan.
+/// A signed-in browser's session, to share between tabs.
+#[derive(Clone)]
+pub struct SharedLogin(Login);
+
+/// Signs in once for tabs that share the session (tabs of one browser).
+pub async fn sign_in_shared(spec: &TabSpec) -> Option<SharedLogin> {
+    sign_in(spec).await.map(SharedLogin)
+}
+
+/// Runs one tab to the end of its plan; with `shared`, in that session
+/// (after a logout it signs in on its own).
 pub async fn run_tab(
     spec: TabSpec,
     plan: TabPlan,
     sc: Arc<Scenario>,
+    shared: Option<SharedLogin>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // Let the servers bind before the first page load.
     tokio::time::sleep(Duration::from_millis(plan.start_ms)).await;
-    let Some(mut session) = sign_in(&spec).await else {
+    let session = match shared {
+        Some(SharedLogin(login)) => Some(login),
+        None => sign_in(&spec).await,
+    };
+    let Some(mut session) = session else {
         return Ok(());
     };
     for g in &plan.generations {

@@ -15,6 +15,7 @@ pub const INVARIANTS: &[&str] = &[
     "write-after-release",
     "double-terminal",
     "attempt-after-cancel",
+    "wrong-cancel",
     "cross-user-delivery",
     "proxy-crash",
     "leak",
@@ -118,6 +119,12 @@ struct Walk {
     retries: Vec<Retry>,
     /// user -> (answers waited for to the end, completions among them).
     served: BTreeMap<String, (u64, u64)>,
+    /// Cancellations the proxy made: (key, when, its reason).
+    cancels: Vec<(u64, u64, String)>,
+    /// user -> when a tab of that user logged out.
+    logouts: BTreeMap<String, Vec<u64>>,
+    /// fingerprint -> when its tab gave up waiting (its request timeout).
+    gave_up: BTreeMap<String, u64>,
     found: BTreeMap<&'static str, Violation>,
 }
 
@@ -178,6 +185,7 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
     }
     // What reached the upstream before a crash or a cut still counts.
     check_budget(&mut w);
+    check_cancels(&mut w);
     let t_end = events.last().map(|e| e.t_us).unwrap_or(0);
     if !ending.crashed && !ending.cut_short {
         check_leak(&mut w, ending, t_end);
@@ -190,6 +198,20 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
 }
 
 fn step(w: &mut Walk, e: &Event, grace: &Grace) {
+    match e.kind.as_str() {
+        "req.cancel" => w
+            .cancels
+            .push((e.u64("key"), e.t_us, e.str("reason").to_string())),
+        "tab.logout" => w
+            .logouts
+            .entry(e.str("user").to_string())
+            .or_default()
+            .push(e.t_us),
+        "tab.timeout" => {
+            w.gave_up.entry(e.str("fp").to_string()).or_insert(e.t_us);
+        }
+        _ => {}
+    }
     if matches!(
         e.kind.as_str(),
         "tab.recv" | "tab.abandon" | "tab.io_error" | "tab.timeout"
@@ -530,6 +552,36 @@ const STARVATION_OTHERS_MIN: u64 = 5;
 const STARVATION_WAITED_MIN: u64 = 5;
 
 /// A user who asked and got nothing while another user got many.
+/// `wrong-cancel`: the proxy cancelled a request that no one asked to stop.
+/// A request may be cancelled when its own client left (its tab refreshed
+/// or gave up before), when a tab of its user logged out (a session shared
+/// by several tabs ends for all of them), or when an administrator disabled
+/// or deleted its user; any other cancellation reached a request whose tab
+/// is still waiting for it (race 8: cancellation keyed by user or session,
+/// not by request).
+fn check_cancels(w: &mut Walk) {
+    let cancels = std::mem::take(&mut w.cancels);
+    for (key, t, reason) in cancels {
+        let Some((user, fp)) = w.admitted.get(&key).cloned() else {
+            continue;
+        };
+        let left = [&w.abandoned_at, &w.gave_up]
+            .iter()
+            .any(|m| m.get(&fp).is_some_and(|at| *at <= t));
+        let logged_out = w.logouts.contains_key(&user);
+        let by_admin = matches!(reason.as_str(), "user-disabled" | "user-deleted");
+        if left || logged_out || by_admin {
+            continue;
+        }
+        w.report("wrong-cancel", t, || {
+            format!(
+                "the proxy cancelled request {key:#x} (user {user}, generation {fp}) at {} ({reason}) while its tab still waited for it: no refresh of that tab, no logout of that user",
+                secs(t)
+            )
+        });
+    }
+}
+
 fn check_starvation(w: &mut Walk, t: u64) {
     let best = w
         .served
@@ -1012,5 +1064,89 @@ mod tests {
             "{}",
             v[0].message
         );
+    }
+
+    #[test]
+    fn a_cancel_no_one_asked_for_is_wrong() {
+        // alice's two tabs share a session; tab 0 (fp a) refreshes, then
+        // the proxy cancels both requests.
+        let base = || {
+            vec![
+                ev(
+                    0,
+                    "req.admit",
+                    json!({"key": 1, "user": "alice", "fp": "a"}),
+                ),
+                ev(
+                    0,
+                    "req.admit",
+                    json!({"key": 2, "user": "alice", "fp": "b"}),
+                ),
+                ev(
+                    100,
+                    "tab.abandon",
+                    json!({"user": "alice", "tab": 0, "fp": "a"}),
+                ),
+                ev(
+                    200,
+                    "req.cancel",
+                    json!({"key": 1, "reason": "client-gone"}),
+                ),
+            ]
+        };
+        let kinds = |events: &[Event]| -> Vec<&str> {
+            check(events, &clean(), &GRACE)
+                .iter()
+                .map(|v| v.invariant)
+                .collect()
+        };
+        // Only the refreshed tab's request: right.
+        assert!(!kinds(&base()).contains(&"wrong-cancel"));
+        // The other tab's too: wrong, and the message names it.
+        let mut both = base();
+        both.push(ev(
+            200,
+            "req.cancel",
+            json!({"key": 2, "reason": "client-gone"}),
+        ));
+        let found = check(&both, &clean(), &GRACE);
+        let v = found
+            .iter()
+            .find(|v| v.invariant == "wrong-cancel")
+            .unwrap();
+        assert!(
+            v.message.contains("0x2") && v.message.contains("alice"),
+            "{}",
+            v.message
+        );
+        // A logout of the user ends every tab's session: right.
+        let mut logout = both.clone();
+        logout.push(ev(
+            300,
+            "tab.logout",
+            json!({"user": "alice", "tab": 0, "fp": "a", "status": 200}),
+        ));
+        assert!(!kinds(&logout).contains(&"wrong-cancel"));
+        // So does an administrator's disable.
+        let mut admin = base();
+        admin.push(ev(
+            200,
+            "req.cancel",
+            json!({"key": 2, "reason": "user-disabled"}),
+        ));
+        assert!(!kinds(&admin).contains(&"wrong-cancel"));
+        // A tab that gave up waiting left too.
+        let mut gave_up = base();
+        gave_up.push(ev(
+            150,
+            "tab.timeout",
+            json!({"user": "alice", "tab": 1, "fp": "b"}),
+        ));
+        gave_up.push(ev(
+            200,
+            "req.cancel",
+            json!({"key": 2, "reason": "client-gone"}),
+        ));
+        assert!(!kinds(&gave_up).contains(&"wrong-cancel"));
     }
 }

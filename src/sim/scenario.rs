@@ -56,6 +56,10 @@ pub const AIMED: &[(&str, &str)] = &[
         "refresh-during-attempt",
         include_str!("../../sims/aimed/refresh-during-attempt.toml"),
     ),
+    (
+        "two-tabs-one-session",
+        include_str!("../../sims/aimed/two-tabs-one-session.toml"),
+    ),
 ];
 
 /// Limits that keep one world bounded whatever a scenario asks for.
@@ -74,6 +78,9 @@ pub struct Scenario {
     /// instead (a user flooding the proxy).
     pub heavy_users: u32,
     pub heavy_tabs_per_user: u32,
+    /// A user's tabs share one session (one login, one cookie), as tabs of
+    /// one browser do; else each tab signs in on its own.
+    pub tabs_share_session: bool,
     pub generations_per_tab: u32,
     pub p_stream: f64,
     pub p_refresh: f64,
@@ -172,6 +179,7 @@ impl Default for Scenario {
             tabs_per_user: 1,
             heavy_users: 0,
             heavy_tabs_per_user: 1,
+            tabs_share_session: false,
             generations_per_tab: 3,
             p_stream: 0.2,
             p_refresh: 0.3,

@@ -15,7 +15,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tracing_subscriber::layer::SubscriberExt;
 
-use super::browser::{TabSpec, run_tab};
+use super::browser::{self, TabSpec, run_tab};
 use super::oracle::{self, Ending, Grace, Violation};
 use super::scenario::Scenario;
 use super::schedule::{FaultKind, Schedule};
@@ -271,20 +271,35 @@ fn build_sim(
         let notes = notes.clone();
         let phases = phases.clone();
         sim.client(format!("tabs-{}", user_handle(u)), async move {
-            let tabs = plans.into_iter().map(|plan| {
+            let spec_of = |tab: u32| {
                 let mut spec = TabSpec::simulated(
                     (PROXY_HOST, PROXY_PORT),
                     user_handle(u),
                     user_password(u),
-                    plan.tab,
+                    tab,
                     format!("http://{UPSTREAM_HOST}:{UPSTREAM_PORT}/v1"),
                 );
                 spec.notes = Some(notes.clone());
                 spec.phases = Some(phases.clone());
+                spec
+            };
+            // Tabs of one browser: one login before the first tab starts.
+            let shared = if sc.tabs_share_session {
+                let first = plans.iter().map(|p| p.start_ms).min().unwrap_or(10);
+                tokio::time::sleep(Duration::from_millis(first)).await;
+                browser::sign_in_shared(&spec_of(plans[0].tab)).await
+            } else {
+                None
+            };
+            let tabs = plans.into_iter().map(|plan| {
+                let spec = spec_of(plan.tab);
                 let sc = Arc::clone(&sc);
-                tokio::spawn(
-                    async move { run_tab(spec, plan, sc).await.map_err(|e| e.to_string()) },
-                )
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    run_tab(spec, plan, sc, shared)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
             });
             let handles: Vec<_> = tabs.collect();
             for h in handles {
