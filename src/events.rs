@@ -165,6 +165,12 @@ pub fn tab_io_error(user: &str, tab: u32, fp: &str, error: &str) {
     ev!("tab.io_error", user, tab, fp, error);
 }
 
+/// A tab sends a logout while its generation `fp` is pending (the logout
+/// may take effect even if the tab never reads its answer).
+pub fn tab_logout_sent(user: &str, tab: u32, fp: &str) {
+    ev!("tab.logout_sent", user, tab, fp);
+}
+
 /// A tab logged out while its generation `fp` was pending (`status`: the
 /// logout's answer, 0 for none).
 pub fn tab_logout(user: &str, tab: u32, fp: &str, status: u16) {

@@ -287,6 +287,7 @@ async fn with_logout<T>(
             Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
             None => std::future::pending().await,
         }
+        events::tab_logout_sent(&spec.user, spec.tab, &plan.fp);
         let status = exchange(spec, "POST", "/api/users/logout", Some(session), None)
             .await
             .map(|a| a.status.as_u16())

@@ -202,7 +202,7 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
         "req.cancel" => w
             .cancels
             .push((e.u64("key"), e.t_us, e.str("reason").to_string())),
-        "tab.logout" => w
+        "tab.logout" | "tab.logout_sent" => w
             .logouts
             .entry(e.str("user").to_string())
             .or_default()
