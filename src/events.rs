@@ -171,6 +171,17 @@ pub fn tab_logout_sent(user: &str, tab: u32, fp: &str) {
     ev!("tab.logout_sent", user, tab, fp);
 }
 
+/// An administrator sends `action` ("disable" or "delete") against the
+/// tab's user while its generation `fp` is pending.
+pub fn tab_admin_sent(user: &str, tab: u32, fp: &str, action: &str) {
+    ev!("tab.admin_sent", user, tab, fp, action);
+}
+
+/// The administrator's action was answered (`status`: 0 for none).
+pub fn tab_admin(user: &str, tab: u32, fp: &str, action: &str, status: u16) {
+    ev!("tab.admin", user, tab, fp, action, status);
+}
+
 /// A tab logged out while its generation `fp` was pending (`status`: the
 /// logout's answer, 0 for none).
 pub fn tab_logout(user: &str, tab: u32, fp: &str, status: u16) {

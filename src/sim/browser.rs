@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use super::scenario::Scenario;
-use super::schedule::{GenPlan, RefreshPlan, TabPlan};
+use super::schedule::{AdminAction, AdminPlan, GenPlan, RefreshPlan, TabPlan};
 use super::trace::PhaseNote;
 use crate::events;
 use crate::net::{Stream, Transport};
@@ -241,12 +241,12 @@ pub async fn run_tab(
         }
         tokio::time::sleep(Duration::from_millis(g.think_ms)).await;
         let plan = Plan::of(&spec, g);
-        let (sent, logged_out) =
+        let (sent, logged_out, removed) =
             with_logout(&spec, &session, &plan, send(&spec, &sc, &session, &plan)).await;
         match sent {
             Sent::Answered(Ok(answer)) => judge_answer(&spec, &plan.fp, plan.stream, &answer),
             // A logout may cut the answer off: expected, the tab goes on.
-            Sent::Answered(Err(e)) if logged_out => {
+            Sent::Answered(Err(e)) if logged_out || removed => {
                 events::tab_io_error(&spec.user, spec.tab, &plan.fp, &e.to_string());
             }
             Sent::Answered(Err(e)) => {
@@ -263,6 +263,10 @@ pub async fn run_tab(
                 }
             }
         }
+        // Its user was disabled or deleted: the tab has nothing left to do.
+        if removed {
+            return Ok(());
+        }
         if logged_out {
             match sign_in(&spec).await {
                 Some(s) => session = s,
@@ -274,14 +278,16 @@ pub async fn run_tab(
 }
 
 /// Drives `waiting` (the generation's wait) to its end; meanwhile, at the
-/// plan's logout time (if any), posts the logout on a second connection.
-/// Returns the outcome and whether the tab logged out.
+/// plan's logout time (if any), posts the logout on a second connection,
+/// and at the plan's admin time (if any), an administrator disables or
+/// deletes the tab's user from another browser. Returns the outcome,
+/// whether the tab logged out, and whether its user was acted on.
 async fn with_logout<T>(
     spec: &TabSpec,
     session: &Login,
     plan: &Plan,
     waiting: impl std::future::Future<Output = T>,
-) -> (T, bool) {
+) -> (T, bool, bool) {
     let logout = async {
         match plan.logout_after_ms {
             Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -294,16 +300,50 @@ async fn with_logout<T>(
             .unwrap_or(0);
         events::tab_logout(&spec.user, spec.tab, &plan.fp, status);
     };
-    tokio::pin!(waiting, logout);
-    let mut logged_out = false;
+    let removed = std::sync::atomic::AtomicBool::new(false);
+    let admin = async {
+        let Some(a) = plan.admin else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep(Duration::from_millis(a.after_ms)).await;
+        let action = match a.action {
+            AdminAction::Disable => "disable",
+            AdminAction::Delete => "delete",
+        };
+        let admin = TabSpec {
+            user: ADMIN_HANDLE.into(),
+            password: ADMIN_PASSWORD.into(),
+            bearer: None,
+            dialect: Dialect::SillyTavern,
+            ..spec.clone()
+        };
+        let Some(login) = sign_in(&admin).await else {
+            return;
+        };
+        events::tab_admin_sent(&spec.user, spec.tab, &plan.fp, action);
+        removed.store(true, std::sync::atomic::Ordering::Relaxed);
+        let body = json!({"handle": spec.user});
+        let status = exchange(&admin, "POST", a.action.path(), Some(&login), Some(body))
+            .await
+            .map(|a| a.status.as_u16())
+            .unwrap_or(0);
+        events::tab_admin(&spec.user, spec.tab, &plan.fp, action, status);
+    };
+    tokio::pin!(waiting, logout, admin);
+    let (mut logged_out, mut admin_done) = (false, false);
     loop {
         tokio::select! {
             biased;
-            r = &mut waiting => return (r, logged_out),
+            r = &mut waiting => return (r, logged_out, removed.load(std::sync::atomic::Ordering::Relaxed)),
             () = &mut logout, if !logged_out => logged_out = true,
+            () = &mut admin, if !admin_done => admin_done = true,
         }
     }
 }
+
+/// The simulated administrator (who disables and deletes users).
+pub const ADMIN_HANDLE: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "admin-password";
 
 /// One generation as the tab sends it.
 struct Plan {
@@ -313,6 +353,8 @@ struct Plan {
     refresh: Option<RefreshPlan>,
     /// Log out this long after sending (SillyTavern only).
     logout_after_ms: Option<u64>,
+    /// An administrator acts on the tab's user (SillyTavern only).
+    admin: Option<AdminPlan>,
 }
 
 impl Plan {
@@ -335,6 +377,7 @@ impl Plan {
             logout_after_ms: g
                 .logout_after_ms
                 .filter(|_| spec.dialect == Dialect::SillyTavern),
+            admin: g.admin.filter(|_| spec.dialect == Dialect::SillyTavern),
         }
     }
 }

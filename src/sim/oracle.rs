@@ -123,6 +123,8 @@ struct Walk {
     cancels: Vec<(u64, u64, String)>,
     /// user -> when a tab of that user logged out.
     logouts: BTreeMap<String, Vec<u64>>,
+    /// Users an administrator disabled or deleted: no longer served.
+    removed_users: BTreeSet<String>,
     /// fingerprint -> when its tab gave up waiting (its request timeout).
     gave_up: BTreeMap<String, u64>,
     found: BTreeMap<&'static str, Violation>,
@@ -209,6 +211,11 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
             .push(e.t_us),
         "tab.timeout" => {
             w.gave_up.entry(e.str("fp").to_string()).or_insert(e.t_us);
+        }
+        "tab.admin_sent" => {
+            let user = e.str("user").to_string();
+            w.logouts.entry(user.clone()).or_default().push(e.t_us);
+            w.removed_users.insert(user);
         }
         _ => {}
     }
@@ -591,10 +598,9 @@ fn check_starvation(w: &mut Walk, t: u64) {
     let Some((rich, most)) = best.filter(|(_, got)| *got >= STARVATION_OTHERS_MIN) else {
         return;
     };
-    let starved = w
-        .served
-        .iter()
-        .find(|(_, (waited, got))| *waited >= STARVATION_WAITED_MIN && *got == 0);
+    let starved = w.served.iter().find(|(u, (waited, got))| {
+        *waited >= STARVATION_WAITED_MIN && *got == 0 && !w.removed_users.contains(*u)
+    });
     if let Some((user, (waited, _))) = starved.map(|(u, x)| (u.clone(), *x)) {
         w.report("starvation", t, || {
             format!(

@@ -57,6 +57,10 @@ pub const AIMED: &[(&str, &str)] = &[
         include_str!("../../sims/aimed/refresh-during-attempt.toml"),
     ),
     (
+        "disable-during-retry",
+        include_str!("../../sims/aimed/disable-during-retry.toml"),
+    ),
+    (
         "two-tabs-one-session",
         include_str!("../../sims/aimed/two-tabs-one-session.toml"),
     ),
@@ -100,6 +104,12 @@ pub struct Scenario {
     pub p_logout: f64,
     /// The logout lands 10 ms to this after the send, uniform in the logarithm.
     pub logout_after_ms_max: u64,
+    /// Shares of generations during which an administrator disables, or
+    /// deletes, the tab's user (0: never).
+    pub p_disable: f64,
+    pub p_delete: f64,
+    /// The administrator acts 10 ms to this after the send.
+    pub admin_after_ms_max: u64,
     pub think_ms_max: u64,
     /// A tab gives up on an answer after this long.
     pub request_timeout_ms: u64,
@@ -191,6 +201,9 @@ impl Default for Scenario {
             p_resend: 0.5,
             p_logout: 0.0,
             logout_after_ms_max: 2_000,
+            p_disable: 0.0,
+            p_delete: 0.0,
+            admin_after_ms_max: 5_000,
             think_ms_max: 2_000,
             request_timeout_ms: 300_000,
             upstream: UpstreamScript::default(),
@@ -290,12 +303,20 @@ impl Scenario {
             ("p_aim_after_429", self.p_aim_after_429),
             ("p_aim_phase", self.p_aim_phase),
             ("p_logout", self.p_logout),
+            ("p_disable", self.p_disable),
+            ("p_delete", self.p_delete),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(format!(
                     "{name} = {p}: a probability must be within 0.0..=1.0"
                 ));
             }
+        }
+        if self.p_disable + self.p_delete > 1.0 {
+            return Err("p_disable + p_delete must not exceed 1.0".into());
+        }
+        if self.admin_after_ms_max > 3_600_000 {
+            return Err("admin_after_ms_max must be at most 3600000".into());
         }
         if self.p_aim_after_429 + self.p_aim_phase > 1.0 {
             return Err("p_aim_after_429 + p_aim_phase must not exceed 1.0".into());

@@ -77,11 +77,41 @@ pub struct GenPlan {
     /// The tab logs out this long after sending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logout_after_ms: Option<u64>,
+    /// An administrator disables or deletes the tab's user this long after
+    /// the send (from another browser).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminPlan>,
     /// The upstream's answer to each attempt, in order; attempts past the
     /// list are answered with a completion after the scenario's shortest
     /// delay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstream: Vec<AttemptPlan>,
+}
+
+/// What an administrator does to a tab's user while its generation is
+/// pending.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminPlan {
+    pub action: AdminAction,
+    pub after_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdminAction {
+    Disable,
+    Delete,
+}
+
+impl AdminAction {
+    /// The admin API's route for it.
+    pub fn path(self) -> &'static str {
+        match self {
+            AdminAction::Disable => "/api/users/disable",
+            AdminAction::Delete => "/api/users/delete",
+        }
+    }
 }
 
 /// When a tab refreshes.
@@ -198,6 +228,7 @@ impl Schedule {
         let per_gen = |g: &GenPlan| {
             1 + usize::from(g.refresh.is_some())
                 + usize::from(g.logout_after_ms.is_some())
+                + usize::from(g.admin.is_some())
                 + g.upstream
                     .iter()
                     .filter(|a| a.answer != PlannedAnswer::Complete)
@@ -379,6 +410,17 @@ fn gen_strategy(sc: &Scenario, index: u32) -> BoxedStrategy<GenPlan> {
         ],
     );
     let logout = droppable(sc.p_logout, log_uniform_ms(sc.logout_after_ms_max));
+    let admin = droppable(
+        sc.p_disable + sc.p_delete,
+        (
+            prop_oneof![
+                weight(sc.p_disable / (sc.p_disable + sc.p_delete).max(1e-12)) => Just(AdminAction::Disable),
+                weight(sc.p_delete / (sc.p_disable + sc.p_delete).max(1e-12)) => Just(AdminAction::Delete),
+            ],
+            log_uniform_ms(sc.admin_after_ms_max),
+        )
+            .prop_map(|(action, after_ms)| AdminPlan { action, after_ms }),
+    );
     // A resend after a refresh goes out at once.
     let p_resend = sc.p_resend * sc.p_refresh;
     let think = prop_oneof![
@@ -394,11 +436,19 @@ fn gen_strategy(sc: &Scenario, index: u32) -> BoxedStrategy<GenPlan> {
         droppable(sc.p_stream, Just(())).prop_map(|s| s.is_some()),
         refresh,
         sc.page_load_ms_min..=sc.page_load_ms_max,
-        logout,
+        (logout, admin),
         upstream,
     )
         .prop_map(
-            move |(nonce, think_ms, stream, refresh, page_load_ms, logout_after_ms, upstream)| {
+            move |(
+                nonce,
+                think_ms,
+                stream,
+                refresh,
+                page_load_ms,
+                (logout_after_ms, admin),
+                upstream,
+            )| {
                 GenPlan {
                     index,
                     nonce,
@@ -407,6 +457,7 @@ fn gen_strategy(sc: &Scenario, index: u32) -> BoxedStrategy<GenPlan> {
                     refresh,
                     page_load_ms,
                     logout_after_ms,
+                    admin,
                     upstream,
                 }
             },
@@ -685,6 +736,9 @@ fn simpler(s: &Schedule, sc: &Scenario) -> Vec<Schedule> {
         }
         if gp.logout_after_ms.is_some() {
             out.push(with(&|c| c.tabs[t].generations[g].logout_after_ms = None));
+        }
+        if gp.admin.is_some() {
+            out.push(with(&|c| c.tabs[t].generations[g].admin = None));
         }
         for a in 0..gp.upstream.len() {
             if gp.upstream[a].answer != PlannedAnswer::Complete {

@@ -148,6 +148,15 @@ pub fn run_world(spec: &WorldSpec) -> WorldRun {
 
 fn users_for(sc: &Scenario, seed: u64) -> UserStore {
     let mut store = UserStore::new();
+    // The administrator, when the scenario has one act.
+    if sc.p_disable + sc.p_delete > 0.0 {
+        let mut admin = User::new(browser::ADMIN_HANDLE.to_string());
+        admin.admin = true;
+        admin.password_hash =
+            hash_password(browser::ADMIN_PASSWORD, &[9; 16], HashCost::Simulation)
+                .unwrap_or_default();
+        let _ = store.create(admin);
+    }
     for i in 0..sc.users {
         let mut user = User::new(user_handle(i));
         let salt = derive_seed(seed, i as u64).to_le_bytes();
