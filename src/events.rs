@@ -205,3 +205,9 @@ pub fn world_proxy_crash(reason: &str) {
 pub fn world_link(partitioned: bool, held: bool) {
     tracing::warn!(target: "tavernsim::ev", kind = "world.link", partitioned, held);
 }
+
+/// The proxy process went down (`up` false) or started again (`up` true)
+/// as the schedule planned.
+pub fn world_restart(up: bool) {
+    tracing::warn!(target: "tavernsim::ev", kind = "world.restart", up);
+}

@@ -177,10 +177,17 @@ fn named(name: &str) -> NamedScenario {
 }
 
 #[test]
-fn faults_and_slow_upstreams_break_nothing_and_every_seed_runs_the_same_twice() {
+fn faults_restarts_admins_and_shared_sessions_break_nothing_and_run_the_same_twice() {
+    let names = [
+        "network-faults",
+        "slow-upstream",
+        "proxy-restart",
+        "disable-during-retry",
+        "two-tabs-one-session",
+    ];
     let report = campaign::run(&CampaignSpec {
-        scenarios: vec![named("network-faults"), named("slow-upstream")],
-        seeds: 30,
+        scenarios: names.iter().map(|n| named(n)).collect(),
+        seeds: 20,
         jobs: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2),
@@ -188,7 +195,7 @@ fn faults_and_slow_upstreams_break_nothing_and_every_seed_runs_the_same_twice() 
         check_determinism: true,
         ..CampaignSpec::default()
     });
-    assert_eq!(report.seeds_run, 60);
+    assert_eq!(report.seeds_run, 20 * names.len() as u64);
     assert!(
         report.harness_errors.is_empty(),
         "{:?}",

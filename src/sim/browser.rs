@@ -249,9 +249,10 @@ pub async fn run_tab(
             Sent::Answered(Err(e)) if logged_out || removed => {
                 events::tab_io_error(&spec.user, spec.tab, &plan.fp, &e.to_string());
             }
+            // The proxy may be restarting: the user tries the next one
+            // (a proxy that stays down fails each fast).
             Sent::Answered(Err(e)) => {
                 events::tab_io_error(&spec.user, spec.tab, &plan.fp, &e.to_string());
-                return Ok(());
             }
             Sent::TimedOut => events::tab_timeout(&spec.user, spec.tab, &plan.fp),
             Sent::Refreshed => {

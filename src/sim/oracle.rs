@@ -123,6 +123,8 @@ struct Walk {
     cancels: Vec<(u64, u64, String)>,
     /// user -> when a tab of that user logged out.
     logouts: BTreeMap<String, Vec<u64>>,
+    /// Requests a restarted proxy never released.
+    leaked_in_restart: Vec<u64>,
     /// Users an administrator disabled or deleted: no longer served.
     removed_users: BTreeSet<String>,
     /// fingerprint -> when its tab gave up waiting (its request timeout).
@@ -200,6 +202,10 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
 }
 
 fn step(w: &mut Walk, e: &Event, grace: &Grace) {
+    if e.kind == "world.restart" && !e.bool("up") {
+        restarted(w, e.t_us);
+        return;
+    }
     match e.kind.as_str() {
         "req.cancel" => w
             .cancels
@@ -559,6 +565,32 @@ const STARVATION_OTHERS_MIN: u64 = 5;
 const STARVATION_WAITED_MIN: u64 = 5;
 
 /// A user who asked and got nothing while another user got many.
+/// The proxy process went down (a planned restart): every request it had is
+/// gone with it, and its next life numbers requests afresh, so what the
+/// walk knows by request key ends here. Requests its guards did not release
+/// stay as leaks; the gate and hints it read are forgotten with it.
+fn restarted(w: &mut Walk, t: u64) {
+    check_cancels(w);
+    let open: Vec<(u64, String)> = w
+        .admitted
+        .iter()
+        .filter(|(k, _)| !w.released.contains(k))
+        .map(|(k, (_, fp))| (*k, fp.clone()))
+        .collect();
+    for (key, fp) in open {
+        w.stopped_at.entry(fp).or_insert(t);
+        w.leaked_in_restart.push(key);
+    }
+    w.admitted.clear();
+    w.released.clear();
+    w.answered.clear();
+    w.stopped_keys.clear();
+    w.key_of.clear();
+    w.retry_decided.clear();
+    w.gate = None;
+    w.hinted.clear();
+}
+
 /// `wrong-cancel`: the proxy cancelled a request that no one asked to stop.
 /// A request may be cancelled when its own client left (its tab refreshed
 /// or gave up before), when a tab of its user logged out (a session shared
@@ -613,9 +645,9 @@ fn check_starvation(w: &mut Walk, t: u64) {
 fn check_leak(w: &mut Walk, ending: &Ending, t: u64) {
     let live = ending.live;
     let open: Vec<String> = w
-        .admitted
-        .keys()
-        .filter(|k| !w.released.contains(k))
+        .leaked_in_restart
+        .iter()
+        .chain(w.admitted.keys().filter(|k| !w.released.contains(k)))
         .take(3)
         .map(|k| format!("{k:#x}"))
         .collect();

@@ -57,6 +57,10 @@ pub const AIMED: &[(&str, &str)] = &[
         include_str!("../../sims/aimed/refresh-during-attempt.toml"),
     ),
     (
+        "proxy-restart",
+        include_str!("../../sims/aimed/proxy-restart.toml"),
+    ),
+    (
         "disable-during-retry",
         include_str!("../../sims/aimed/disable-during-retry.toml"),
     ),
@@ -135,6 +139,8 @@ pub struct FaultParams {
     /// ...and lasts this long.
     pub for_ms_min: u64,
     pub for_ms_max: u64,
+    /// Faults may also be proxy restarts (down for the fault's length).
+    pub restarts: bool,
 }
 
 impl Default for FaultParams {
@@ -144,6 +150,7 @@ impl Default for FaultParams {
             within_ms: 30_000,
             for_ms_min: 100,
             for_ms_max: 5_000,
+            restarts: false,
         }
     }
 }

@@ -169,7 +169,8 @@ impl From<PlannedAnswer> for Answer {
     }
 }
 
-/// A fault on the link between the proxy and the upstream.
+/// A fault on the link between the proxy and the upstream, or of the
+/// proxy itself.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
@@ -185,6 +186,9 @@ pub enum FaultKind {
     Partition,
     /// Messages between the two are held, then delivered.
     Hold,
+    /// The proxy process goes down with its requests in flight and starts
+    /// again `for_ms` later (same users file, same session secret).
+    Restart,
 }
 
 impl GenPlan {
@@ -485,8 +489,13 @@ fn fault_strategy(sc: &Scenario) -> BoxedStrategy<Vec<Fault>> {
     if f.per_world == 0 {
         return Just(Vec::new()).boxed();
     }
+    let restart = if f.restarts { 1 } else { 0 };
     let one = (
-        prop_oneof![Just(FaultKind::Partition), Just(FaultKind::Hold)],
+        prop_oneof![
+            1 => Just(FaultKind::Partition),
+            1 => Just(FaultKind::Hold),
+            restart => Just(FaultKind::Restart),
+        ],
         0..=f.within_ms,
         f.for_ms_min..=f.for_ms_max,
     )
@@ -551,7 +560,8 @@ enum DropState {
 }
 
 struct DroppableTree<T> {
-    inner: T,
+    /// None when drawn absent: nothing to shrink.
+    inner: Option<T>,
     state: DropState,
 }
 
@@ -561,7 +571,13 @@ impl<S: Strategy> Strategy for Droppable<S> {
 
     fn new_tree(&self, runner: &mut TestRunner) -> NewTree<Self> {
         let present = self.p >= 1.0 || (self.p > 0.0 && runner.rng().random_bool(self.p));
-        let inner = self.inner.new_tree(runner)?;
+        // An absent value draws nothing more: a scenario whose share is 0
+        // makes no draw for it at all.
+        let inner = if present {
+            Some(self.inner.new_tree(runner)?)
+        } else {
+            None
+        };
         Ok(DroppableTree {
             inner,
             state: if present {
@@ -578,7 +594,7 @@ impl<T: ValueTree> ValueTree for DroppableTree<T> {
 
     fn current(&self) -> Self::Value {
         match self.state {
-            DropState::Fresh | DropState::Kept => Some(self.inner.current()),
+            DropState::Fresh | DropState::Kept => self.inner.as_ref().map(T::current),
             DropState::Trying | DropState::Dropped => None,
         }
     }
@@ -595,7 +611,7 @@ impl<T: ValueTree> ValueTree for DroppableTree<T> {
                 false
             }
             DropState::Dropped => false,
-            DropState::Kept => self.inner.simplify(),
+            DropState::Kept => self.inner.as_mut().is_some_and(T::simplify),
         }
     }
 
@@ -605,7 +621,7 @@ impl<T: ValueTree> ValueTree for DroppableTree<T> {
                 self.state = DropState::Kept;
                 true
             }
-            DropState::Kept => self.inner.complicate(),
+            DropState::Kept => self.inner.as_mut().is_some_and(T::complicate),
             DropState::Fresh | DropState::Dropped => false,
         }
     }

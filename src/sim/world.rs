@@ -375,12 +375,14 @@ fn step_to_end(
     let mut clients_done_at: Option<Duration> = None;
     let mut quiet_since: Option<Duration> = None;
     let mut link = LinkState::default();
+    let mut proxy_down = false;
     loop {
         let step = sim.step();
         let now = sim.elapsed();
         panics::set_sim_ms(now.as_millis() as u64);
         let ms = now.as_millis() as u64;
         link.apply(sim, schedule, ms);
+        proxy_down = restart(sim, schedule, ms, proxy_down);
         if let Some(reason) = exited.lock().unwrap_or_else(|p| p.into_inner()).take() {
             events::world_proxy_crash(&reason);
             return (EndReason::ProxyCrashed, ms, None);
@@ -422,6 +424,26 @@ fn step_to_end(
             return (EndReason::TimeLimit, ms, None);
         }
     }
+}
+
+/// Takes the proxy down, or starts it again, as the schedule's restarts
+/// want it at `ms`; returns whether it is down.
+fn restart(sim: &mut turmoil::Sim<'static>, schedule: &Schedule, ms: u64, down: bool) -> bool {
+    let want = schedule.faults.iter().any(|f| {
+        f.kind == FaultKind::Restart && f.at_ms <= ms && ms < f.at_ms.saturating_add(f.for_ms)
+    });
+    if want != down {
+        if want {
+            // Every task of the proxy is dropped: its guards release, then
+            // the trace says the process is gone.
+            sim.crash(PROXY_HOST);
+            events::world_restart(false);
+        } else {
+            sim.bounce(PROXY_HOST);
+            events::world_restart(true);
+        }
+    }
+    want
 }
 
 /// The link between the proxy and the upstream, as the schedule's faults
