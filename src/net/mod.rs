@@ -23,6 +23,7 @@ use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 /// Which network the sockets live on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,13 +234,32 @@ impl http_body::Body for TimeoutBody {
 /// `ConnectInfo<SocketAddr>` extension, and its body is bounded in time by
 /// `limits.body_read_timeout_ms`.
 pub async fn serve(listener: Listener, app: Router, limits: ServeLimits) -> io::Result<()> {
+    serve_until(listener, app, limits, CancellationToken::new()).await
+}
+
+/// [`serve`] until `stop` is cancelled; then every connection is dropped
+/// on its next poll, as a killed process drops them (the simulation's
+/// proxy restarts: connections die in the order they are woken, which is
+/// the order they were made, not the order tokio would drop its tasks).
+pub async fn serve_until(
+    listener: Listener,
+    app: Router,
+    limits: ServeLimits,
+    stop: CancellationToken,
+) -> io::Result<()> {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             // Out of descriptors or a reset before accept: keep serving.
             Err(e) if is_transient_accept_error(&e) => continue,
             Err(e) => return Err(e),
         };
+        let stop = stop.clone();
         let app = app.clone();
         let service = hyper::service::service_fn(move |req| handle(app.clone(), req, peer, limits));
         tokio::spawn(async move {
@@ -250,9 +270,11 @@ pub async fn serve(listener: Listener, app: Router, limits: ServeLimits) -> io::
                 .max_headers(limits.headers_max)
                 .max_buf_size(limits.header_bytes_max.max(8192));
             // A connection error is the client's business, not the server's.
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => {}
+                _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+            }
         });
     }
 }

@@ -82,6 +82,8 @@ struct Inner {
     frozen: bool,
     /// Live requests' fingerprints, by table key.
     fp_of: BTreeMap<u64, String>,
+    /// Events held back to be recorded in a canonical order.
+    held: Option<Vec<Event>>,
 }
 
 /// Phase notes kept for a slow listener.
@@ -169,11 +171,33 @@ impl Recorder {
         std::mem::take(&mut self.lock().events)
     }
 
+    /// Runs `f` (a host's teardown, which drops its tasks in an order
+    /// tokio does not promise) and records what it emitted in a canonical
+    /// order: by kind, then by fields.
+    pub fn in_canonical_order(&self, f: impl FnOnce()) {
+        self.lock().held = Some(Vec::new());
+        f();
+        let mut held = self.lock().held.take().unwrap_or_default();
+        held.sort_by_cached_key(|e| {
+            (
+                e.kind.clone(),
+                serde_json::to_string(&e.fields).unwrap_or_default(),
+            )
+        });
+        for e in held {
+            self.push(e);
+        }
+    }
+
     /// Records `e`; an event from outside any host (`t_us == u64::MAX`)
     /// takes the time of the event before it.
     fn push(&self, mut e: Event) {
         let mut inner = self.lock();
         if inner.frozen {
+            return;
+        }
+        if let Some(held) = inner.held.as_mut() {
+            held.push(e);
             return;
         }
         // The proxy process is gone once it exits: what its other tasks do

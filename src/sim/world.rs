@@ -21,7 +21,7 @@ use super::scenario::Scenario;
 use super::schedule::{FaultKind, Schedule};
 use super::trace::{Event, PhaseNote, Recorder, TraceLayer, trace_hash};
 use crate::events;
-use crate::net::{Listener, ServeLimits, Transport, serve};
+use crate::net::{Listener, ServeLimits, Transport, serve, serve_until};
 use crate::proxy::session::SessionSecret;
 use crate::proxy::users::{HashCost, User, UserStore, hash_password, token_digest};
 use crate::proxy::{Clock, ExitHook, ProxyConfig, ProxyState, Variant, app, forward};
@@ -171,11 +171,15 @@ fn users_for(sc: &Scenario, seed: u64) -> UserStore {
     store
 }
 
+/// Kills the proxy's current life (see [`serve_until`]).
+type KillSwitch = Arc<Mutex<Option<tokio_util::sync::CancellationToken>>>;
+
 fn build_sim(
     spec: &WorldSpec,
     schedule: &Schedule,
     phases: tokio::sync::broadcast::Sender<PhaseNote>,
     exited: Arc<Mutex<Option<String>>>,
+    kill: KillSwitch,
 ) -> turmoil::Sim<'static> {
     let sc = Arc::clone(&spec.scenario);
     let w = &sc.world;
@@ -230,10 +234,12 @@ fn build_sim(
         upstream_idle_per_host_max: 0,
         ..ProxyConfig::default()
     };
+    let kill_proxy = Arc::clone(&kill);
     sim.host(PROXY_HOST, move || {
         let cfg = cfg.clone();
         let users = users.clone();
         let exited = Arc::clone(&exited);
+        let kill = Arc::clone(&kill_proxy);
         async move {
             let upstream = forward::Upstream::new(
                 Transport::Turmoil,
@@ -259,9 +265,14 @@ fn build_sim(
             let listener = Listener::bind(Transport::Turmoil, addr)
                 .await
                 .map_err(tagged)?;
-            serve(listener, app(state), ServeLimits::default())
+            // The driver kills this life of the proxy through `stop`.
+            let stop = tokio_util::sync::CancellationToken::new();
+            *kill.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop.clone());
+            serve_until(listener, app(state), ServeLimits::default(), stop)
                 .await
                 .map_err(tagged)?;
+            // Killed: wait for the crash, as a dying process does nothing.
+            std::future::pending::<()>().await;
             Ok(())
         }
     });
@@ -324,8 +335,16 @@ fn build_sim(
 fn drive(spec: &WorldSpec, recorder: &Recorder) -> (EndReason, u64, Option<String>) {
     let exited = Arc::new(Mutex::new(None::<String>));
     let schedule = spec.schedule();
-    let mut sim = build_sim(spec, &schedule, recorder.phases(), Arc::clone(&exited));
-    let ended = panics::guarded(|| step_to_end(spec, &schedule, recorder, &mut sim, &exited));
+    let kill = KillSwitch::default();
+    let mut sim = build_sim(
+        spec,
+        &schedule,
+        recorder.phases(),
+        Arc::clone(&exited),
+        Arc::clone(&kill),
+    );
+    let ended =
+        panics::guarded(|| step_to_end(spec, &schedule, recorder, &mut sim, &exited, &kill));
     // Freeze before the world is torn down (the proxy crash included):
     // teardown drops tasks in an order that is not part of the run.
     recorder.freeze();
@@ -363,6 +382,7 @@ fn step_to_end(
     recorder: &Recorder,
     sim: &mut turmoil::Sim<'static>,
     exited: &Mutex<Option<String>>,
+    kill: &KillSwitch,
 ) -> (EndReason, u64, Option<String>) {
     let w = &spec.scenario.world;
     // Once quiescent, keep going this long so nothing still on the wire
@@ -375,14 +395,14 @@ fn step_to_end(
     let mut clients_done_at: Option<Duration> = None;
     let mut quiet_since: Option<Duration> = None;
     let mut link = LinkState::default();
-    let mut proxy_down = false;
+    let mut proxy = ProxyLife::Up;
     loop {
         let step = sim.step();
         let now = sim.elapsed();
         panics::set_sim_ms(now.as_millis() as u64);
         let ms = now.as_millis() as u64;
         link.apply(sim, schedule, ms);
-        proxy_down = restart(sim, schedule, ms, proxy_down);
+        proxy = restart(sim, recorder, schedule, ms, proxy, kill);
         if let Some(reason) = exited.lock().unwrap_or_else(|p| p.into_inner()).take() {
             events::world_proxy_crash(&reason);
             return (EndReason::ProxyCrashed, ms, None);
@@ -426,24 +446,49 @@ fn step_to_end(
     }
 }
 
+/// Where the proxy process is in a planned restart.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProxyLife {
+    Up,
+    /// Killed: its connections die on this step's polls.
+    Dying,
+    Down,
+}
+
 /// Takes the proxy down, or starts it again, as the schedule's restarts
-/// want it at `ms`; returns whether it is down.
-fn restart(sim: &mut turmoil::Sim<'static>, schedule: &Schedule, ms: u64, down: bool) -> bool {
-    let want = schedule.faults.iter().any(|f| {
+/// want it at `ms`. Going down takes two steps: first every connection is
+/// killed (in the order the connections were made), then the host crashes
+/// (what is left: timers, detached tasks), its events in canonical order.
+fn restart(
+    sim: &mut turmoil::Sim<'static>,
+    recorder: &Recorder,
+    schedule: &Schedule,
+    ms: u64,
+    life: ProxyLife,
+    kill: &KillSwitch,
+) -> ProxyLife {
+    let want_down = schedule.faults.iter().any(|f| {
         f.kind == FaultKind::Restart && f.at_ms <= ms && ms < f.at_ms.saturating_add(f.for_ms)
     });
-    if want != down {
-        if want {
-            // Every task of the proxy is dropped: its guards release, then
-            // the trace says the process is gone.
-            sim.crash(PROXY_HOST);
+    match (life, want_down) {
+        (ProxyLife::Up, true) => {
+            if let Some(stop) = kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                stop.cancel();
+            }
+            ProxyLife::Dying
+        }
+        (ProxyLife::Dying, _) => {
+            recorder.in_canonical_order(|| sim.crash(PROXY_HOST));
             events::world_restart(false);
-        } else {
+            ProxyLife::Down
+        }
+        (ProxyLife::Down, false) => {
             sim.bounce(PROXY_HOST);
             events::world_restart(true);
+            ProxyLife::Up
         }
+        (life, _) => life,
     }
-    want
 }
 
 /// The link between the proxy and the upstream, as the schedule's faults
