@@ -56,6 +56,10 @@ pub const AIMED: &[(&str, &str)] = &[
         "refresh-during-attempt",
         include_str!("../../sims/aimed/refresh-during-attempt.toml"),
     ),
+    (
+        "stream-reset",
+        include_str!("../../sims/aimed/stream-reset.toml"),
+    ),
 ];
 
 /// Limits that keep one world bounded whatever a scenario asks for.
