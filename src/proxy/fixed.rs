@@ -251,7 +251,8 @@ impl Answer {
 }
 
 /// Reads an answer's body (bounded); None when the request was cancelled.
-/// A 2xx whose body breaks off counts as no answer (status 0).
+/// A 2xx whose body breaks off counts as no answer (status 0): nothing
+/// reached the client yet, so it may be tried again like a lost answer.
 async fn read_answer(cx: &Ctx<'_>, resp: hyper::Response<hyper::body::Incoming>) -> Option<Answer> {
     let (parts, b) = resp.into_parts();
     let read = tokio::select! {
@@ -261,6 +262,9 @@ async fn read_answer(cx: &Ctx<'_>, resp: hyper::Response<hyper::body::Incoming>)
     };
     let (body, note) = match read {
         Ok(Ok(b)) => (b, String::new()),
+        Ok(Err(e @ forward::ForwardError::Body(_))) if parts.status.is_success() => {
+            return Some(Answer::none(&e.to_string()));
+        }
         Ok(Err(e)) => (Bytes::new(), e.to_string()),
         Err(_) => (Bytes::new(), "deadline passed".to_string()),
     };
@@ -454,7 +458,9 @@ fn cancelled_give_up() -> GiveUp {
 
 /// Hands a successful streamed answer to the client: the guard and the
 /// upstream place move into the body, released when the stream ends or
-/// when hyper drops the body because the client left.
+/// when hyper drops the body because the client left. From here on bytes
+/// reach the client, so nothing is sent upstream again: a stream that
+/// breaks off ends the client's with an error (`abort`), once.
 fn deliver_stream(
     cx: &Ctx<'_>,
     guard: RequestGuard,
@@ -487,11 +493,15 @@ fn deliver_stream(
         body,
         (guard, permit, end_again),
         watch,
-        |(g, _, _): &(RequestGuard, Permit, Option<EndAgain>)| {
+        |(g, _, _): &(RequestGuard, Permit, Option<EndAgain>), ended| {
             let _ = g
                 .table()
                 .transition(g.key(), &["streaming"], Phase::Finished);
-            events::client_write(g.key().id(), "end");
+            let what = match ended {
+                forward::Ended::Complete => "end",
+                forward::Ended::Cut => "abort",
+            };
+            events::client_write(g.key().id(), what);
         },
     );
     let mut out = Response::new(body);

@@ -336,8 +336,9 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
 }
 
 /// What the proxy writes that ends a client's answer: the end of the body
-/// (a whole answer, or the last of a stream) or an error answer.
-const TERMINAL_WRITES: &[&str] = &["end", "error"];
+/// (a whole answer, or the last of a stream), an error answer, or a stream
+/// cut off with an error (`abort`).
+const TERMINAL_WRITES: &[&str] = &["end", "error", "abort"];
 
 /// One answer per request: after its terminal write nothing more may reach
 /// the client, neither a second terminal answer nor anything else.
@@ -847,6 +848,26 @@ mod tests {
             ),
             (served("bob", 5, 0), Some("starvation")),
             (served("bob", 4, 0), None),
+            // A stream cut off (its upstream broke off), once.
+            (
+                vec![
+                    admit.clone(),
+                    ev(2, "client.write", json!({"key": 1, "what": "head"})),
+                    ev(5, "client.write", json!({"key": 1, "what": "abort"})),
+                    release.clone(),
+                ],
+                None,
+            ),
+            // The end of a stream written after it was cut off.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "abort"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "end"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
         ];
         for (i, (events, want)) in cases.into_iter().enumerate() {
             let crashed = want == Some("proxy-crash");
