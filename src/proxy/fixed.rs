@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::Either;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -173,7 +174,17 @@ pub async fn run(job: Job) -> Response {
             Ok(Err(e)) => Answer::none(&format!("no answer from the upstream: {e}")),
             Ok(Ok(resp)) if resp.status().is_success() && stream => {
                 events::attempt_end(key.id(), attempt, resp.status().as_u16(), "success", 0);
-                return deliver_stream(&cx, guard, permit, resp);
+                let again = cx
+                    .mutant(Mutant::StreamRetriedAfterBytes)
+                    .then(|| mutants::Resend {
+                        upstream: state.upstream.clone(),
+                        key,
+                        body: body.clone(),
+                        user_key: user_key.clone(),
+                        attempt,
+                        left: policy.attempts_max.saturating_sub(attempt),
+                    });
+                return deliver_stream(&cx, guard, permit, resp, again);
             }
             Ok(Ok(resp)) => match read_answer(&cx, resp).await {
                 Some(a) => a,
@@ -461,11 +472,13 @@ fn cancelled_give_up() -> GiveUp {
 /// when hyper drops the body because the client left. From here on bytes
 /// reach the client, so nothing is sent upstream again: a stream that
 /// breaks off ends the client's with an error (`abort`), once.
+/// `again` is [`Mutant::StreamRetriedAfterBytes`]'s defect.
 fn deliver_stream(
     cx: &Ctx<'_>,
     guard: RequestGuard,
     permit: Permit,
     resp: hyper::Response<hyper::body::Incoming>,
+    again: Option<mutants::Resend>,
 ) -> Response {
     let key = guard.key();
     if guard
@@ -489,8 +502,12 @@ fn deliver_stream(
     } else {
         None
     };
+    let upstream = match again {
+        Some(resend) => Either::Right(resend.on_break(body)),
+        None => Either::Left(body),
+    };
     let body = forward::passthrough(
-        body,
+        upstream,
         (guard, permit, end_again),
         watch,
         |(g, _, _): &(RequestGuard, Permit, Option<EndAgain>), ended| {

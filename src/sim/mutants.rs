@@ -49,6 +49,7 @@ pub fn plan(m: Mutant) -> Plan {
         Mutant::BackoffInSeconds => ("refresh-during-retry", 3),
         Mutant::RetryOutlivesClient => ("refresh-during-retry", 5),
         Mutant::BudgetNeverCharged => ("budget-storm", 3),
+        Mutant::StreamRetriedAfterBytes => ("stream-reset", 3),
     };
     Plan {
         mutant: m,
