@@ -61,7 +61,8 @@ pub fn req_stale(key: u64, op: &str) {
 // ---- proxy: work done for a request --------------------------------------
 
 /// The proxy writes something to the client of request `key`
-/// (`what`: head, end, error).
+/// (`what`: head, end, error; abort: a stream cut off with an error, so
+/// that it never looks complete).
 pub fn client_write(key: u64, what: &str) {
     ev!("client.write", key, what);
 }

@@ -266,6 +266,7 @@ pub fn demo_script() -> UpstreamScript {
         p_retry_after: 0.7,
         retry_after_s_max: 1,
         p_5xx: 0.0,
+        p_stream_reset: 0.0,
         delay_ms_min: 20,
         delay_ms_max: 200,
         stream_chunks: 8,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::Either;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -189,7 +190,17 @@ async fn handle(job: Job) -> Response {
             Ok(Err(e)) => Answer::none(&format!("no answer from the upstream: {e}")),
             Ok(Ok(resp)) if resp.status().is_success() && stream => {
                 events::attempt_end(key.id(), attempt, resp.status().as_u16(), "success", 0);
-                return deliver_stream(&cx, guard, permit, resp);
+                let again = cx
+                    .mutant(Mutant::StreamRetriedAfterBytes)
+                    .then(|| mutants::Resend {
+                        upstream: state.upstream.clone(),
+                        key,
+                        body: body.clone(),
+                        user_key: user_key.clone(),
+                        attempt,
+                        left: policy.attempts_max.saturating_sub(attempt),
+                    });
+                return deliver_stream(&cx, guard, permit, resp, again);
             }
             Ok(Ok(resp)) => match read_answer(&cx, resp).await {
                 Some(a) => a,
@@ -267,7 +278,8 @@ impl Answer {
 }
 
 /// Reads an answer's body (bounded); None when the request was cancelled.
-/// A 2xx whose body breaks off counts as no answer (status 0).
+/// A 2xx whose body breaks off counts as no answer (status 0): nothing
+/// reached the client yet, so it may be tried again like a lost answer.
 async fn read_answer(cx: &Ctx<'_>, resp: hyper::Response<hyper::body::Incoming>) -> Option<Answer> {
     let (parts, b) = resp.into_parts();
     let read = tokio::select! {
@@ -277,6 +289,9 @@ async fn read_answer(cx: &Ctx<'_>, resp: hyper::Response<hyper::body::Incoming>)
     };
     let (body, note) = match read {
         Ok(Ok(b)) => (b, String::new()),
+        Ok(Err(e @ forward::ForwardError::Body(_))) if parts.status.is_success() => {
+            return Some(Answer::none(&e.to_string()));
+        }
         Ok(Err(e)) => (Bytes::new(), e.to_string()),
         Err(_) => (Bytes::new(), "deadline passed".to_string()),
     };
@@ -470,12 +485,16 @@ fn cancelled_give_up() -> GiveUp {
 
 /// Hands a successful streamed answer to the client: the guard and the
 /// upstream place move into the body, released when the stream ends or
-/// when hyper drops the body because the client left.
+/// when hyper drops the body because the client left. From here on bytes
+/// reach the client, so nothing is sent upstream again: a stream that
+/// breaks off ends the client's with an error (`abort`), once.
+/// `again` is [`Mutant::StreamRetriedAfterBytes`]'s defect.
 fn deliver_stream(
     cx: &Ctx<'_>,
     guard: RequestGuard,
     permit: Permit,
     resp: hyper::Response<hyper::body::Incoming>,
+    again: Option<mutants::Resend>,
 ) -> Response {
     let key = guard.key();
     if guard
@@ -499,15 +518,23 @@ fn deliver_stream(
     } else {
         None
     };
+    let upstream = match again {
+        Some(resend) => Either::Right(resend.on_break(body)),
+        None => Either::Left(body),
+    };
     let body = forward::passthrough(
-        body,
+        upstream,
         (guard, permit, end_again),
         watch,
-        |(g, _, _): &(RequestGuard, Permit, Option<EndAgain>)| {
+        |(g, _, _): &(RequestGuard, Permit, Option<EndAgain>), ended| {
             let _ = g
                 .table()
                 .transition(g.key(), &["streaming"], Phase::Finished);
-            events::client_write(g.key().id(), "end");
+            let what = match ended {
+                forward::Ended::Complete => "end",
+                forward::Ended::Cut => "abort",
+            };
+            events::client_write(g.key().id(), what);
         },
     );
     let mut out = Response::new(body);

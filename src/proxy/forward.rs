@@ -117,20 +117,38 @@ pub struct StreamWatch {
     pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a passthrough stream ended for its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The upstream body ended: so does the client's.
+    Complete,
+    /// The upstream broke off or stalled, or the request was stopped: the
+    /// client's stream ends with an error (hyper aborts the connection, so
+    /// it never looks complete).
+    Cut,
+}
 
 /// A streaming body that forwards `upstream` and keeps `owner` alive until
 /// the stream ends or the client goes away (hyper drops the body then),
-/// then runs `on_end` if the stream ended normally. A stall or a stop per
-/// `watch` ends it with an error (hyper then aborts the client connection).
-pub fn passthrough<G: Send + 'static>(
-    upstream: Incoming,
+/// then runs `on_end` once with how it ended (not when the client left).
+/// An upstream that breaks off, a stall or a stop per `watch` ends it with
+/// an error (hyper then aborts the client connection); nothing is sent
+/// again.
+pub fn passthrough<B, G>(
+    upstream: B,
     owner: G,
     watch: StreamWatch,
-    on_end: impl FnOnce(&G) + Send + 'static,
-) -> Body {
-    struct State<G, F> {
-        upstream: Incoming,
+    on_end: impl FnOnce(&G, Ended) + Send + 'static,
+) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    G: Send + 'static,
+{
+    struct State<B, G, F> {
+        upstream: B,
         owner: G,
         watch: StreamWatch,
         on_end: Option<F>,
@@ -143,6 +161,13 @@ pub fn passthrough<G: Send + 'static>(
         on_end: Some(on_end),
         failed: false,
     };
+    impl<B, G, F: FnOnce(&G, Ended)> State<B, G, F> {
+        fn end(&mut self, how: Ended) {
+            if let Some(f) = self.on_end.take() {
+                f(&self.owner, how);
+            }
+        }
+    }
     let stream = futures::stream::unfold(state, |mut s| async move {
         if s.failed {
             return None;
@@ -160,16 +185,16 @@ pub fn passthrough<G: Send + 'static>(
                 },
                 Ok(Some(Err(e))) => {
                     s.failed = true;
+                    s.end(Ended::Cut);
                     return Some((Err(e.into()), s));
                 }
                 Err(e) => {
                     s.failed = true;
+                    s.end(Ended::Cut);
                     return Some((Err(e), s));
                 }
                 Ok(None) => {
-                    if let Some(f) = s.on_end.take() {
-                        f(&s.owner);
-                    }
+                    s.end(Ended::Complete);
                     return None;
                 }
             }

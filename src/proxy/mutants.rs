@@ -11,8 +11,9 @@
 //!   pieces of machinery they need: a detached task that reports itself
 //!   ([`spawn_detached`]), a late catch that writes into a released response
 //!   ([`CatchOnAbort`]), a streaming call that pipes its head whoever
-//!   listens ([`pipe_detached`]), and reply boxes keyed by slot index
-//!   ([`ReplyBoxes`]).
+//!   listens ([`pipe_detached`]), reply boxes keyed by slot index
+//!   ([`ReplyBoxes`]), and a stream sent again when it breaks off
+//!   ([`Resend`]).
 //!
 //! Every invariant the oracle checks has at least one mutant here.
 
@@ -20,11 +21,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use hyper::body::Incoming;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
 use slotmap::Key;
 use tokio::sync::oneshot;
 
-use super::forward::{ForwardError, Upstream};
+use super::forward::{BoxError, ForwardError, Upstream};
 use super::requests::RequestKey;
 use crate::events;
 
@@ -114,10 +118,18 @@ pub enum Mutant {
     /// cancels the generation tab B is still waiting for. Killed by
     /// `wrong-cancel`; needs tabs that share a session.
     CancelBySession,
+    /// A stream retried after bytes reached the client (issue 6). When the
+    /// upstream's stream breaks off midway, the proxy sends the request
+    /// upstream again and pipes the new stream on into the same client
+    /// response, as if the first had never begun: the client gets the start
+    /// of one completion followed by another whole one, under a 200 it
+    /// already has. Killed by `retry-after-bytes`; needs an upstream that
+    /// breaks streams (`p_stream_reset`).
+    StreamRetriedAfterBytes,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 16] = [
+    pub const ALL: [Mutant; 17] = [
         Mutant::TimerNotCancelled,
         Mutant::AbortWritesError,
         Mutant::CancelMissedBeforeArm,
@@ -134,6 +146,7 @@ impl Mutant {
         Mutant::RetryOutlivesClient,
         Mutant::BudgetNeverCharged,
         Mutant::CancelBySession,
+        Mutant::StreamRetriedAfterBytes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -154,6 +167,7 @@ impl Mutant {
             Mutant::RetryOutlivesClient => "mutant-retry-outlives-client",
             Mutant::BudgetNeverCharged => "mutant-budget-never-charged",
             Mutant::CancelBySession => "mutant-cancel-by-session",
+            Mutant::StreamRetriedAfterBytes => "mutant-stream-retried-after-bytes",
         }
     }
 
@@ -175,6 +189,7 @@ impl Mutant {
             Mutant::BackoffInSeconds => "liveness",
             Mutant::BudgetNeverCharged => "budget-exceeded",
             Mutant::CancelBySession => "wrong-cancel",
+            Mutant::StreamRetriedAfterBytes => "retry-after-bytes",
         }
     }
 
@@ -254,6 +269,63 @@ impl Drop for CatchOnAbort {
 }
 
 type Reply = Result<hyper::Response<Incoming>, ForwardError>;
+
+/// What [`Mutant::StreamRetriedAfterBytes`] needs to send a streaming
+/// request upstream again: the request, and attempts left under the policy.
+pub struct Resend {
+    pub upstream: Upstream,
+    pub key: RequestKey,
+    pub body: Bytes,
+    pub user_key: Option<String>,
+    /// The attempt whose stream is being piped.
+    pub attempt: u32,
+    /// Attempts the policy still allows.
+    pub left: u32,
+}
+
+/// An upstream body that, when it breaks off, is replaced by the body of
+/// the same request sent again, while attempts are left.
+pub type ResendBody = StreamBody<BoxStream<'static, Result<Frame<Bytes>, BoxError>>>;
+
+impl Resend {
+    /// `first`, and whenever the stream piped breaks off, the stream of the
+    /// request sent again (a 2xx), piped on into the same response.
+    pub fn on_break(self, first: Incoming) -> ResendBody {
+        let frames = futures::stream::unfold(Some((first, self)), |state| async move {
+            let (mut body, mut r) = state?;
+            loop {
+                match body.frame().await {
+                    None => return None,
+                    Some(Ok(frame)) => return Some((Ok(frame), Some((body, r)))),
+                    Some(Err(e)) if r.left == 0 => return Some((Err(e.into()), None)),
+                    Some(Err(_broke_off)) => match r.again().await {
+                        Ok(next) => body = next,
+                        Err(e) => return Some((Err(e), None)),
+                    },
+                }
+            }
+        });
+        StreamBody::new(frames.boxed())
+    }
+
+    async fn again(&mut self) -> Result<Incoming, BoxError> {
+        self.left -= 1;
+        self.attempt += 1;
+        let id = self.key.id();
+        events::attempt_start(id, self.attempt);
+        let resp = self
+            .upstream
+            .send(self.body.clone(), self.user_key.as_deref())
+            .await?;
+        let status = resp.status().as_u16();
+        if !resp.status().is_success() {
+            events::attempt_end(id, self.attempt, status, "give-up", 0);
+            return Err(format!("the upstream answered {status} to the stream sent again").into());
+        }
+        events::attempt_end(id, self.attempt, status, "success", 0);
+        Ok(resp.into_body())
+    }
+}
 
 /// Sends a streaming attempt detached ([`Mutant::StreamPipedAfterClose`]):
 /// a 2xx head is piped to the client as soon as it arrives, whether or not

@@ -262,7 +262,7 @@ fn pipe(resp: hyper::Response<hyper::body::Incoming>) -> Response {
         body,
         (),
         forward::StreamWatch::default(),
-        |_| {},
+        |_, _| {},
     ));
     *out.status_mut() = status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {

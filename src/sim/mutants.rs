@@ -50,6 +50,7 @@ pub fn plan(m: Mutant) -> Plan {
         Mutant::RetryOutlivesClient => ("refresh-during-retry", 5),
         Mutant::BudgetNeverCharged => ("budget-storm", 3),
         Mutant::CancelBySession => ("two-tabs-one-session", 5),
+        Mutant::StreamRetriedAfterBytes => ("stream-reset", 3),
     };
     Plan {
         mutant: m,

@@ -16,6 +16,7 @@ pub const INVARIANTS: &[&str] = &[
     "double-terminal",
     "attempt-after-cancel",
     "wrong-cancel",
+    "retry-after-bytes",
     "cross-user-delivery",
     "proxy-crash",
     "leak",
@@ -97,6 +98,8 @@ struct Walk {
     owner: BTreeMap<String, String>,
     /// fingerprints of requests whose tab logged out while waiting.
     logged_out: BTreeSet<String>,
+    /// fingerprint -> (key, time, what) of the first write to its client.
+    wrote: BTreeMap<String, (u64, u64, String)>,
     /// fingerprint -> user, for requests whose tab still waits for an end.
     waiting: BTreeMap<String, String>,
     /// fingerprint -> end of the wait its last 429 hinted (as the mock sent it).
@@ -184,6 +187,7 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
     let mut w = Walk::default();
     for e in events {
         step(&mut w, e, grace);
+        step_bytes(&mut w, e, grace);
         step_rates(&mut w, e, grace.client_gone_us, ending.outside);
         step_budget(&mut w, e);
     }
@@ -371,8 +375,51 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
 }
 
 /// What the proxy writes that ends a client's answer: the end of the body
-/// (a whole answer, or the last of a stream) or an error answer.
-const TERMINAL_WRITES: &[&str] = &["end", "error"];
+/// (a whole answer, or the last of a stream), an error answer, or a stream
+/// cut off with an error (`abort`).
+const TERMINAL_WRITES: &[&str] = &["end", "error", "abort"];
+
+/// Once bytes of an answer reached its client (the proxy's first write for
+/// the request: a stream's head, or a whole answer), nothing for that
+/// request may be sent upstream again: the client already has a 200 and
+/// part of one completion, and another would be spliced onto it. Judged at
+/// the proxy (an attempt started after that write) and at the upstream (an
+/// attempt arriving more than one network crossing after it: one already
+/// on the wire may arrive within it).
+fn step_bytes(w: &mut Walk, e: &Event, grace: &Grace) {
+    let t = e.t_us;
+    match e.kind.as_str() {
+        "client.write" => {
+            let key = e.u64("key");
+            if let Some((_, fp)) = w.admitted.get(&key) {
+                let what = e.str("what").to_string();
+                w.wrote.entry(fp.clone()).or_insert((key, t, what));
+            }
+        }
+        "attempt.start" => {
+            let (key, n) = (e.u64("key"), e.u64("attempt"));
+            let fp = w.admitted.get(&key).map(|(_, fp)| fp.as_str());
+            if let Some((_, tw, what)) = fp.and_then(|fp| w.wrote.get(fp)).cloned() {
+                let user = w.user_of(key).to_string();
+                w.report("retry-after-bytes", t, || {
+                    format!("the proxy started attempt {n} of request {key:#x} (user {user}) at {}, after it wrote '{what}' to that request's client at {}", secs(t), secs(tw))
+                });
+            }
+        }
+        "upstream.attempt" => {
+            let (fp, n) = (e.str("fp"), e.u64("attempt"));
+            if let Some((key, tw, what)) = w.wrote.get(fp).cloned()
+                && t > tw.saturating_add(grace.network_us)
+            {
+                let user = w.user_of(key).to_string();
+                w.report("retry-after-bytes", t, || {
+                    format!("the upstream received attempt {n} of generation {fp} at {}, {} after the proxy wrote '{what}' to its client (request {key:#x}, user {user})", secs(t), secs(t - tw))
+                });
+            }
+        }
+        _ => {}
+    }
+}
 
 /// One answer per request: after its terminal write nothing more may reach
 /// the client, neither a second terminal answer nor anything else.
@@ -937,6 +984,26 @@ mod tests {
             ),
             (served("bob", 5, 0), Some("starvation")),
             (served("bob", 4, 0), None),
+            // A stream cut off (its upstream broke off), once.
+            (
+                vec![
+                    admit.clone(),
+                    ev(2, "client.write", json!({"key": 1, "what": "head"})),
+                    ev(5, "client.write", json!({"key": 1, "what": "abort"})),
+                    release.clone(),
+                ],
+                None,
+            ),
+            // The end of a stream written after it was cut off.
+            (
+                vec![
+                    admit.clone(),
+                    ev(5, "client.write", json!({"key": 1, "what": "abort"})),
+                    ev(6, "client.write", json!({"key": 1, "what": "end"})),
+                    release.clone(),
+                ],
+                Some("double-terminal"),
+            ),
         ];
         for (i, (events, want)) in cases.into_iter().enumerate() {
             let crashed = want == Some("proxy-crash");
@@ -1051,6 +1118,120 @@ mod tests {
         assert_eq!(budget_verdict(&unannounced[1..]), None);
         let v = budget_verdict(&budgeted(true, 1, &[(0, 1), (1, 2), (2, 3), (3, 4)])).unwrap();
         assert_eq!((v.count, v.t_us), (2, 2000), "{}", v.message);
+    }
+
+    /// alice's streamed request `aa` (key 1): attempt 1 at the upstream at
+    /// 10 ms, the head written at 100 ms, then `more`, the end at 2 s and
+    /// the release.
+    fn streamed(more: Vec<Event>) -> Vec<Event> {
+        let mut v = vec![
+            ev(
+                0,
+                "req.admit",
+                json!({"key": 1, "user": "alice", "fp": "aa"}),
+            ),
+            ev(1, "attempt.start", json!({"key": 1, "attempt": 1})),
+            ev(
+                10_000,
+                "upstream.attempt",
+                json!({"fp": "aa", "attempt": 1}),
+            ),
+            ev(100_000, "client.write", json!({"key": 1, "what": "head"})),
+        ];
+        v.extend(more);
+        v.push(ev(
+            2_000_000,
+            "client.write",
+            json!({"key": 1, "what": "end"}),
+        ));
+        v.push(ev(2_000_001, "req.release", json!({"key": 1})));
+        v
+    }
+
+    /// One line per case: the trace, and whether an attempt came after
+    /// bytes reached the client.
+    #[test]
+    fn retry_after_bytes_fires_on_an_attempt_after_the_first_write_and_only_then() {
+        let retried_before_bytes = vec![
+            ev(
+                0,
+                "req.admit",
+                json!({"key": 1, "user": "alice", "fp": "aa"}),
+            ),
+            ev(1, "attempt.start", json!({"key": 1, "attempt": 1})),
+            ev(
+                10_000,
+                "upstream.attempt",
+                json!({"fp": "aa", "attempt": 1}),
+            ),
+            ev(
+                20_000,
+                "attempt.end",
+                json!({"key": 1, "attempt": 1, "status": 0, "decision": "backoff"}),
+            ),
+            ev(300_000, "attempt.start", json!({"key": 1, "attempt": 2})),
+            ev(
+                310_000,
+                "upstream.attempt",
+                json!({"fp": "aa", "attempt": 2}),
+            ),
+            ev(400_000, "client.write", json!({"key": 1, "what": "head"})),
+            ev(900_000, "client.write", json!({"key": 1, "what": "abort"})),
+            ev(900_001, "req.release", json!({"key": 1})),
+        ];
+        let cases: Vec<(&str, Vec<Event>, bool)> = vec![
+            ("a stream, one attempt", streamed(vec![]), false),
+            ("a retry before the first byte", retried_before_bytes, false),
+            (
+                "the proxy starts an attempt after the head",
+                streamed(vec![ev(
+                    700_000,
+                    "attempt.start",
+                    json!({"key": 1, "attempt": 2}),
+                )]),
+                true,
+            ),
+            (
+                "the upstream gets an attempt long after the head",
+                streamed(vec![ev(
+                    700_000,
+                    "upstream.attempt",
+                    json!({"fp": "aa", "attempt": 2}),
+                )]),
+                true,
+            ),
+            // Within one network crossing it may have been on the wire already.
+            (
+                "the upstream gets an attempt just after the head",
+                streamed(vec![ev(
+                    140_000,
+                    "upstream.attempt",
+                    json!({"fp": "aa", "attempt": 2}),
+                )]),
+                false,
+            ),
+            (
+                "another generation's attempt",
+                streamed(vec![ev(
+                    700_000,
+                    "upstream.attempt",
+                    json!({"fp": "bb", "attempt": 2}),
+                )]),
+                false,
+            ),
+        ];
+        for (name, events, want) in cases {
+            let got: Vec<_> = check(&events, &clean(), &GRACE)
+                .into_iter()
+                .map(|v| v.invariant)
+                .collect();
+            let want: Vec<&str> = if want {
+                vec!["retry-after-bytes"]
+            } else {
+                vec![]
+            };
+            assert_eq!(got, want, "{name}");
+        }
     }
 
     #[test]

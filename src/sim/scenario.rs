@@ -68,6 +68,10 @@ pub const AIMED: &[(&str, &str)] = &[
         "two-tabs-one-session",
         include_str!("../../sims/aimed/two-tabs-one-session.toml"),
     ),
+    (
+        "stream-reset",
+        include_str!("../../sims/aimed/stream-reset.toml"),
+    ),
 ];
 
 /// Limits that keep one world bounded whatever a scenario asks for.

@@ -157,6 +157,11 @@ pub enum PlannedAnswer {
     ServerError {
         status: u16,
     },
+    /// A 200 that breaks off: a stream after `after_chunks` of its chunks,
+    /// a JSON answer halfway (see [`Answer::StreamReset`]).
+    StreamReset {
+        after_chunks: u32,
+    },
 }
 
 impl From<PlannedAnswer> for Answer {
@@ -165,6 +170,7 @@ impl From<PlannedAnswer> for Answer {
             PlannedAnswer::Complete => Answer::Complete,
             PlannedAnswer::TooMany { retry_after_s } => Answer::TooMany { retry_after_s },
             PlannedAnswer::ServerError { status } => Answer::ServerError(status),
+            PlannedAnswer::StreamReset { after_chunks } => Answer::StreamReset { after_chunks },
         }
     }
 }
@@ -471,13 +477,17 @@ fn gen_strategy(sc: &Scenario, index: u32) -> BoxedStrategy<GenPlan> {
 
 fn attempt_strategy(sc: &Scenario) -> BoxedStrategy<AttemptPlan> {
     let s = &sc.upstream;
-    let p_complete = (1.0 - s.p_429 - s.p_5xx).max(0.0);
+    let p_complete = (1.0 - s.p_429 - s.p_5xx - s.p_stream_reset).max(0.0);
     let hinted = droppable(s.p_retry_after, 0..=s.retry_after_s_max);
+    // The last arm, weighing 0 unless asked for: the draws of scenarios
+    // without stream resets stay as they were.
     let answer = prop_oneof![
         weight(p_complete) => Just(PlannedAnswer::Complete),
         weight(s.p_429) => hinted.prop_map(|retry_after_s| PlannedAnswer::TooMany { retry_after_s }),
         weight(s.p_5xx) => prop_oneof![Just(500u16), Just(503u16)]
             .prop_map(|status| PlannedAnswer::ServerError { status }),
+        weight(s.p_stream_reset) => (0..s.stream_chunks)
+            .prop_map(|after_chunks| PlannedAnswer::StreamReset { after_chunks }),
     ];
     (answer, s.delay_ms_min..=s.delay_ms_max)
         .prop_map(|(answer, delay_ms)| AttemptPlan { answer, delay_ms })
@@ -923,6 +933,59 @@ mod tests {
             .count();
         let share = too_many as f64 / answers.len() as f64;
         assert!((0.5..0.7).contains(&share), "429 share {share}");
+    }
+
+    #[test]
+    fn stream_resets_are_drawn_at_their_share_and_shrink_to_completions() {
+        let sc = Scenario::load("stream-reset").unwrap();
+        let chunks = sc.upstream.stream_chunks;
+        let answers: Vec<AttemptPlan> = (0..20)
+            .flat_map(|s| Schedule::generate(s, &sc).tabs)
+            .flat_map(|t| t.generations)
+            .flat_map(|g| g.upstream)
+            .collect();
+        let resets: Vec<u32> = answers
+            .iter()
+            .filter_map(|a| match a.answer {
+                PlannedAnswer::StreamReset { after_chunks } => Some(after_chunks),
+                _ => None,
+            })
+            .collect();
+        let share = resets.len() as f64 / answers.len() as f64;
+        let p = sc.upstream.p_stream_reset;
+        assert!((p - 0.1..p + 0.1).contains(&share), "reset share {share}");
+        assert!(resets.iter().all(|&n| n < chunks));
+        assert!(resets.contains(&0) && resets.contains(&(chunks - 1)));
+        // Written as the other answers are, and read back.
+        let reset = PlannedAnswer::StreamReset { after_chunks: 2 };
+        let text = serde_json::to_string(&reset).unwrap();
+        assert_eq!(text, r#"{"stream-reset":{"after_chunks":2}}"#);
+        assert_eq!(serde_json::from_str::<PlannedAnswer>(&text).unwrap(), reset);
+        // A schedule one step simpler answers it with a completion.
+        let mut one = Schedule::generate(0, &sc);
+        one.tabs.truncate(1);
+        one.tabs[0].generations.truncate(1);
+        one.tabs[0].generations[0].upstream = vec![AttemptPlan {
+            answer: reset,
+            delay_ms: 20,
+        }];
+        assert!(simpler(&one, &sc).iter().any(|c| {
+            c.tabs
+                .first()
+                .and_then(|t| t.generations.first())
+                .is_some_and(|g| {
+                    g.upstream.first().map(|a| a.answer) == Some(PlannedAnswer::Complete)
+                })
+        }));
+        // No resets asked for: none drawn.
+        let plain = scenario();
+        assert_eq!(plain.upstream.p_stream_reset, 0.0);
+        let none = (0..20)
+            .flat_map(|s| Schedule::generate(s, &plain).tabs)
+            .flat_map(|t| t.generations)
+            .flat_map(|g| g.upstream)
+            .any(|a| matches!(a.answer, PlannedAnswer::StreamReset { .. }));
+        assert!(!none);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! # Brief overview
 //! - [`UpstreamScript`]: how often attempts get a 429 (with or without
-//!   `Retry-After`), a 5xx, how long answers take, how streams are chunked.
+//!   `Retry-After`), a 5xx, or a 200 that breaks off midway, how long
+//!   answers take, how streams are chunked.
 //! - [`MockUpstream`] holds the script and a seeded generator; [`app`]
 //!   serves it as an axum `Router`, on either network.
 //! - [`fingerprint`]: a digest of a request's messages. Every completion
@@ -13,7 +14,6 @@
 //! Every attempt is reported as an `upstream.attempt` event.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ pub struct UpstreamScript {
     pub retry_after_s_max: u64,
     /// Share of attempts answered 500 or 503.
     pub p_5xx: f64,
+    /// Share of attempts answered 200 whose body breaks off midway (see
+    /// [`Answer::StreamReset`]). 0 by default: no draw changes then.
+    pub p_stream_reset: f64,
     /// Time before the answer head, drawn uniformly from this range.
     pub delay_ms_min: u64,
     pub delay_ms_max: u64,
@@ -64,6 +67,7 @@ impl Default for UpstreamScript {
             p_retry_after: 0.5,
             retry_after_s_max: 3,
             p_5xx: 0.05,
+            p_stream_reset: 0.0,
             delay_ms_min: 20,
             delay_ms_max: 400,
             stream_chunks: 4,
@@ -79,6 +83,7 @@ impl UpstreamScript {
             ("p_429", self.p_429),
             ("p_retry_after", self.p_retry_after),
             ("p_5xx", self.p_5xx),
+            ("p_stream_reset", self.p_stream_reset),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(format!(
@@ -86,8 +91,11 @@ impl UpstreamScript {
                 ));
             }
         }
-        if self.p_429 + self.p_5xx > 1.0 {
-            return Err("upstream.p_429 + upstream.p_5xx must not exceed 1.0".into());
+        if self.p_429 + self.p_5xx + self.p_stream_reset > 1.0 {
+            return Err(
+                "upstream.p_429 + upstream.p_5xx + upstream.p_stream_reset must not exceed 1.0"
+                    .into(),
+            );
         }
         if self.delay_ms_min > self.delay_ms_max {
             return Err("upstream.delay_ms_min must not exceed upstream.delay_ms_max".into());
@@ -108,9 +116,21 @@ impl UpstreamScript {
 /// What the mock does with one attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
-    TooMany { retry_after_s: Option<u64> },
+    TooMany {
+        retry_after_s: Option<u64>,
+    },
     ServerError(u16),
     Complete,
+    /// A 200 whose body breaks off: the connection is aborted mid-body.
+    /// A streamed completion sends its head and `after_chunks` of its
+    /// chunks, never `[DONE]` (with 0, the connection usually breaks before
+    /// even the head got out: a reset before the head); a non-streamed one
+    /// sends its head and the first half of its JSON body (`after_chunks`
+    /// does not matter then). Either way the reader never sees a complete
+    /// answer.
+    StreamReset {
+        after_chunks: u32,
+    },
 }
 
 impl Answer {
@@ -124,6 +144,7 @@ impl Answer {
             } => "429",
             Answer::ServerError(_) => "5xx",
             Answer::Complete => "complete",
+            Answer::StreamReset { .. } => "stream-reset",
         }
     }
 }
@@ -237,6 +258,10 @@ impl MockUpstream {
             }
         } else if roll < s.p_429 + s.p_5xx {
             Answer::ServerError(if rng.random_bool(0.5) { 500 } else { 503 })
+        } else if roll < s.p_429 + s.p_5xx + s.p_stream_reset {
+            Answer::StreamReset {
+                after_chunks: rng.random_range(0..s.stream_chunks),
+            }
         } else {
             Answer::Complete
         };
@@ -327,7 +352,7 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
     let (status, hint_ms) = match answer {
         Answer::TooMany { retry_after_s } => (429, retry_after_s.unwrap_or(0) * 1000),
         Answer::ServerError(code) => (code, 0),
-        Answer::Complete => (200, 0),
+        Answer::Complete | Answer::StreamReset { .. } => (200, 0),
     };
     events::upstream_answer(&fp, attempt, status, hint_ms);
     mock.note(&fp, attempt, status);
@@ -338,8 +363,12 @@ async fn chat_completions(State(mock): State<Arc<MockUpstream>>, body: Bytes) ->
             "The server had an error while processing your request.",
             "server_error",
         ),
-        Answer::Complete if stream => stream_completion(&mock.script, &fp),
+        Answer::Complete if stream => stream_completion(&mock.script, &fp, None),
         Answer::Complete => completion(&fp),
+        Answer::StreamReset { after_chunks } if stream => {
+            stream_completion(&mock.script, &fp, Some(after_chunks))
+        }
+        Answer::StreamReset { .. } => truncated_completion(&fp),
     }
 }
 
@@ -371,17 +400,42 @@ fn answer_text(fp: &str) -> String {
 }
 
 fn completion(fp: &str) -> Response {
-    let body = json!({
+    axum::Json(completion_json(fp)).into_response()
+}
+
+fn completion_json(fp: &str) -> Value {
+    json!({
         "id": format!("chatcmpl-{fp}"),
         "object": "chat.completion",
         "model": "mock-1",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_text(fp)}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 8, "completion_tokens": 16, "total_tokens": 24}
-    });
-    axum::Json(body).into_response()
+    })
 }
 
-fn stream_completion(script: &UpstreamScript, fp: &str) -> Response {
+/// The body error that aborts a broken answer's connection.
+fn reset() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "the mock broke the answer off",
+    )
+}
+
+/// A completion whose JSON body breaks off halfway: the head, half the
+/// body, then the connection is aborted.
+fn truncated_completion(fp: &str) -> Response {
+    let mut text = completion_json(fp).to_string();
+    text.truncate(text.len() / 2);
+    let parts = [Ok(Bytes::from(text)), Err(reset())];
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(futures::stream::iter(parts)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A streamed completion; with `reset_after`, only that many of its chunks,
+/// then the connection is aborted (no `[DONE]`).
+fn stream_completion(script: &UpstreamScript, fp: &str, reset_after: Option<u32>) -> Response {
     let text = answer_text(fp);
     let pieces = split_even(&text, script.stream_chunks as usize);
     let gap = Duration::from_millis(script.chunk_gap_ms);
@@ -394,7 +448,17 @@ fn stream_completion(script: &UpstreamScript, fp: &str) -> Response {
             format!("data: {chunk}\n\n")
         })
         .collect();
-    frames.push("data: [DONE]\n\n".to_string());
+    let frames: Vec<Result<Bytes, std::io::Error>> = match reset_after {
+        None => {
+            frames.push("data: [DONE]\n\n".to_string());
+            frames.into_iter().map(|f| Ok(Bytes::from(f))).collect()
+        }
+        Some(n) => {
+            frames.truncate(n as usize);
+            let sent = frames.into_iter().map(|f| Ok(Bytes::from(f)));
+            sent.chain(std::iter::once(Err(reset()))).collect()
+        }
+    };
     let stream = futures::stream::unfold(
         (frames.into_iter(), true),
         move |(mut it, first)| async move {
@@ -402,7 +466,7 @@ fn stream_completion(script: &UpstreamScript, fp: &str) -> Response {
             if !first {
                 tokio::time::sleep(gap).await;
             }
-            Some((Ok::<_, Infallible>(Bytes::from(frame)), (it, false)))
+            Some((frame, (it, false)))
         },
     );
     Response::builder()
@@ -455,5 +519,58 @@ mod tests {
         };
         assert!(bad.validate().unwrap_err().contains("p_429"));
         assert!(UpstreamScript::default().validate().is_ok());
+        let too_many = UpstreamScript {
+            p_429: 0.5,
+            p_5xx: 0.2,
+            p_stream_reset: 0.4,
+            ..Default::default()
+        };
+        assert!(too_many.validate().unwrap_err().contains("p_stream_reset"));
+    }
+
+    /// The mock's answer to `messages` (its first attempt breaks off after
+    /// two chunks): the bytes it sent, and whether the body ended in an
+    /// error.
+    async fn first_answer(content: &str, stream: bool) -> (String, bool) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let planned: Planned = Arc::new(|_, attempt| {
+            (attempt == 1).then_some((Answer::StreamReset { after_chunks: 2 }, Duration::ZERO))
+        });
+        let mock = MockUpstream::planned(
+            UpstreamScript::default(),
+            planned,
+            MockUpstream::notes_channel(),
+        );
+        let body = json!({"messages": [{"role": "user", "content": content}], "stream": stream});
+        let req = http::Request::post("/v1/chat/completions")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app(mock).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut seen = String::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    seen.push_str(std::str::from_utf8(f.data_ref().unwrap()).unwrap());
+                }
+                Some(Err(_)) => return (seen, true),
+                None => return (seen, false),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_reset_breaks_the_answer_off_midway() {
+        let (seen, broke) = first_answer("streamed", true).await;
+        assert!(broke, "the stream ended cleanly: {seen}");
+        assert_eq!(seen.matches("data: ").count(), 2, "{seen}");
+        assert!(!seen.contains("[DONE]"), "{seen}");
+        let (seen, broke) = first_answer("not streamed", false).await;
+        assert!(broke, "the answer ended cleanly: {seen}");
+        assert!(seen.starts_with("{\"") && !seen.is_empty(), "{seen}");
+        assert!(serde_json::from_str::<Value>(&seen).is_err(), "{seen}");
     }
 }
