@@ -310,8 +310,9 @@ fn measure_seed(sc: &Arc<Scenario>, seed: u64) -> Result<SeedFigures, String> {
     let shape = BareShape {
         seed,
         world: &sc.world,
-        // The harness's hosts are the mock, the proxy and one per user.
-        clients: sc.users + 1,
+        // The harness's hosts are the mock, the proxy and the browsers' host:
+        // the bare world's server and two clients.
+        clients: 2,
         exchanges: n,
         spread: Duration::from_millis(sim_ms),
     };
