@@ -778,8 +778,12 @@ fn print_report(r: &Report, stopped_on_first: bool) {
             }
         );
         outln!("  {}", v.message);
-        if let Some((before, after)) = v.actions {
-            outln!("  schedule: {after} actions (shrunk from {before})");
+        match v.actions {
+            Some((before, after)) if after < before => {
+                outln!("  schedule: {after} actions (shrunk from {before})")
+            }
+            Some((_, after)) => outln!("  schedule: {after} actions"),
+            None => {}
         }
         outln!("  replay: {}", v.replay);
     }
