@@ -50,12 +50,9 @@ fn fixed_proxy_breaks_nothing_over_the_default_scenarios() {
     );
     // "Sometimes" checks: a clean verdict means something only if refreshes
     // landed in every window of a request's life. (The fixed proxy moves a
-    // request from finished to released in one step: no refresh can land
-    // between them.)
-    for phase in tavernsim::sim::coverage::PHASES
-        .iter()
-        .filter(|p| **p != "finished")
-    {
+    // request from finished to released in one step; refreshes aimed at
+    // "finished" are held there by the harness for a moment.)
+    for phase in tavernsim::sim::coverage::PHASES {
         let n = report.coverage.get(*phase).copied().unwrap_or(0);
         assert!(
             n > 0,

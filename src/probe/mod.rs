@@ -226,6 +226,7 @@ async fn drive(spec: &ProbeSpec) -> anyhow::Result<Outcome> {
             stop_at: Some(stop_at),
             notes: Some(notes.clone()),
             phases: None,
+            holds: None,
         };
         let plan = tab_plan(
             &spec.scenario,

@@ -219,7 +219,9 @@ async fn handle(job: Job) -> Response {
         };
         if c.decision == Decision::Success {
             events::attempt_end(key.id(), attempt, answer.status, "success", 0);
-            return deliver_body(&table, key, answer);
+            let response = deliver_body(&table, key, answer);
+            hold_in(&table, key, state.phase_hold.get(), "finished").await;
+            return response;
         }
         if let Err(g) = after_failure(&cx, attempt, &answer, &c).await {
             break g;
@@ -579,6 +581,24 @@ fn deliver_body(
     *out.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
     copy_header(&answer.headers, out.headers_mut(), header::CONTENT_TYPE);
     out
+}
+
+/// Waits as a harness's hold asks, if there is one for this request.
+async fn hold_in(
+    table: &super::requests::RequestTable,
+    key: RequestKey,
+    hold: Option<&super::PhaseHold>,
+    phase: &'static str,
+) {
+    let Some(hold) = hold else {
+        return;
+    };
+    let Ok(fp) = table.read(key, "hold", |e| e.meta.fingerprint.clone()) else {
+        return;
+    };
+    if let Some(wait) = hold(&fp, phase) {
+        wait.await;
+    }
 }
 
 fn copy_header(from: &http::HeaderMap, to: &mut http::HeaderMap, name: header::HeaderName) {

@@ -190,7 +190,22 @@ pub struct ProxyState {
     admin_lock: Mutex<()>,
     /// Used by one mutant only (`Mutant::SlotReuseNoGeneration`).
     pub reply_boxes: mutants::ReplyBoxes,
+    /// A harness's hold on requests entering a phase (see [`PhaseHold`]);
+    /// a served proxy has none.
+    pub phase_hold: std::sync::OnceLock<PhaseHold>,
 }
+
+/// Lets a harness keep a request in a phase for a while: called with the
+/// request's fingerprint and the phase it just entered, it returns a wait
+/// the request's handler awaits there, or `None` to go on at once. The
+/// simulation uses it to hold a request between "finished" and its
+/// release, a window the fixed design otherwise closes in one step, so a
+/// refresh aimed at it lands in it.
+pub type PhaseHold = Arc<
+    dyn Fn(&str, &'static str) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>
+        + Send
+        + Sync,
+>;
 
 impl ProxyState {
     pub fn new(
@@ -230,6 +245,7 @@ impl ProxyState {
             hash_cost: HashCost::Standard,
             admin_lock: Mutex::new(()),
             reply_boxes: mutants::ReplyBoxes::default(),
+            phase_hold: std::sync::OnceLock::new(),
         })
     }
 

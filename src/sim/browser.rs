@@ -53,7 +53,13 @@ pub struct TabSpec {
     /// The proxy's phase changes (simulation only), for refreshes aimed at a
     /// phase of the request.
     pub phases: Option<tokio::sync::broadcast::Sender<PhaseNote>>,
+    /// Requests the simulated proxy holds in "finished" for a moment (their
+    /// fingerprints): a refresh aimed there registers its own.
+    pub holds: Option<Holds>,
 }
+
+/// Fingerprints of requests to hold in a phase (see `ProxyState::phase_hold`).
+pub type Holds = Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>;
 
 impl TabSpec {
     /// A tab of the simulation: SillyTavern's route, password login.
@@ -77,6 +83,7 @@ impl TabSpec {
             stop_at: None,
             notes: None,
             phases: None,
+            holds: None,
         }
     }
 }
@@ -393,6 +400,14 @@ enum Sent {
 async fn send(spec: &TabSpec, sc: &Scenario, session: &Login, plan: &Plan) -> Sent {
     let notes = spec.notes.as_ref().map(|n| n.subscribe());
     let phases = spec.phases.as_ref().map(|n| n.subscribe());
+    if let (Some(holds), Some(RefreshPlan::AtPhase { phase, .. })) = (&spec.holds, &plan.refresh)
+        && phase == "finished"
+    {
+        holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(plan.fp.clone());
+    }
     events::tab_send(&spec.user, spec.tab, &plan.fp, plan.stream);
     let path = match spec.dialect {
         Dialect::SillyTavern => "/api/backends/chat-completions/generate",

@@ -235,11 +235,21 @@ fn build_sim(
         ..ProxyConfig::default()
     };
     let kill_proxy = Arc::clone(&kill);
+    let holds = browser::Holds::default();
+    let proxy_holds = Arc::clone(&holds);
+    // Long enough for an aimed tab to hear of the phase, drop its
+    // connection, and for the proxy to see it gone.
+    let hold_for = Duration::from_millis(
+        w.latency_ms_max
+            .saturating_mul(2)
+            .saturating_add(w.tick_ms.saturating_mul(3)),
+    );
     sim.host(PROXY_HOST, move || {
         let cfg = cfg.clone();
         let users = users.clone();
         let exited = Arc::clone(&exited);
         let kill = Arc::clone(&kill_proxy);
+        let holds = Arc::clone(&proxy_holds);
         async move {
             let upstream = forward::Upstream::new(
                 Transport::Turmoil,
@@ -260,6 +270,15 @@ fn build_sim(
                 *exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
             });
             let state = ProxyState::new(cfg, users, secret, upstream, proxy_seed, clock, exit);
+            let hold: crate::proxy::PhaseHold = Arc::new(move |fp: &str, phase: &'static str| {
+                let held = phase == "finished"
+                    && holds.lock().unwrap_or_else(|p| p.into_inner()).contains(fp);
+                held.then(|| {
+                    Box::pin(tokio::time::sleep(hold_for))
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+                })
+            });
+            let _ = state.phase_hold.set(hold);
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, PROXY_PORT));
             let tagged = |e: std::io::Error| format!("{PROXY_ERROR_PREFIX}{e}");
             let listener = Listener::bind(Transport::Turmoil, addr)
@@ -291,6 +310,7 @@ fn build_sim(
         let sc = Arc::clone(&sc);
         let notes = notes.clone();
         let phases = phases.clone();
+        let holds = Arc::clone(&holds);
         browsers.push(async move {
             let spec_of = |tab: u32| {
                 let mut spec = TabSpec::simulated(
@@ -302,6 +322,7 @@ fn build_sim(
                 );
                 spec.notes = Some(notes.clone());
                 spec.phases = Some(phases.clone());
+                spec.holds = Some(Arc::clone(&holds));
                 spec
             };
             // Tabs of one browser: one login before the first tab starts.
