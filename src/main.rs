@@ -730,6 +730,16 @@ fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `command` ("tavernsim ...") as this binary was invoked (for example
+/// `./target/release/tavernsim ...`), so it can be pasted as is.
+fn as_invoked(command: &str) -> String {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    match command.strip_prefix("tavernsim ") {
+        Some(rest) if argv0.contains('/') => format!("{argv0} {rest}"),
+        _ => command.to_string(),
+    }
+}
+
 fn print_report(r: &Report, stopped_on_first: bool) {
     outln!(
         "variant {}: {} seeds of {}{} in {:.1}s ({:.1} seeds/s, {:.0} simulated seconds, {:.0}x real time)",
@@ -785,7 +795,7 @@ fn print_report(r: &Report, stopped_on_first: bool) {
             Some((_, after)) => outln!("  schedule: {after} actions"),
             None => {}
         }
-        outln!("  replay: {}", v.replay);
+        outln!("  replay: {}", as_invoked(&v.replay));
     }
     if stopped_on_first {
         outln!("\n(stopped at the first violating seed; --keep-going runs every seed)");
