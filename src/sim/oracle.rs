@@ -124,8 +124,19 @@ struct Walk {
     served: BTreeMap<String, (u64, u64)>,
     /// Cancellations the proxy made: (key, when, its reason).
     cancels: Vec<(u64, u64, String)>,
-    /// user -> when a tab of that user logged out.
-    logouts: BTreeMap<String, Vec<u64>>,
+    /// (user, tab, when) of every logout a tab sent.
+    logouts: Vec<(String, u64, u64)>,
+    /// (user, when) of every administrator's disable or delete.
+    admin_acts: Vec<(String, u64)>,
+    /// fingerprint -> (user, tab) that sent it.
+    tab_of_fp: BTreeMap<String, (String, u64)>,
+    /// key -> the session its request came in.
+    session_of_key: BTreeMap<u64, u64>,
+    /// (user, tab) -> the sessions its requests came in.
+    sessions_of_tab: BTreeMap<(String, u64), BTreeSet<u64>>,
+    /// Holds on the proxy-upstream link: (start, end); and the one going on.
+    holds: Vec<(u64, u64)>,
+    hold_since: Option<u64>,
     /// Requests a restarted proxy never released.
     leaked_in_restart: Vec<u64>,
     /// Users an administrator disabled or deleted: no longer served.
@@ -158,6 +169,17 @@ struct Retry {
 }
 
 impl Walk {
+    /// The earliest moment a message that reached the upstream at `t` may
+    /// have left: `t`, or the start of a hold on the link that was released
+    /// just before (a held message arrives late, sent any time in the hold).
+    fn sent_by(&self, t: u64, network_us: u64) -> u64 {
+        self.holds
+            .iter()
+            .rev()
+            .find(|(_, end)| *end <= t && t <= end.saturating_add(network_us))
+            .map_or(t, |(start, _)| *start)
+    }
+
     fn report(&mut self, invariant: &'static str, t_us: u64, message: impl FnOnce() -> String) {
         self.found
             .entry(invariant)
@@ -206,6 +228,17 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
 }
 
 fn step(w: &mut Walk, e: &Event, grace: &Grace) {
+    if e.kind == "world.link" {
+        match (e.bool("held") && !e.bool("partitioned"), w.hold_since) {
+            (true, None) => w.hold_since = Some(e.t_us),
+            (false, Some(since)) => {
+                w.holds.push((since, e.t_us));
+                w.hold_since = None;
+            }
+            _ => {}
+        }
+        return;
+    }
     if e.kind == "world.restart" && !e.bool("up") {
         restarted(w, e.t_us);
         return;
@@ -214,17 +247,32 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
         "req.cancel" => w
             .cancels
             .push((e.u64("key"), e.t_us, e.str("reason").to_string())),
-        "tab.logout" | "tab.logout_sent" => w
-            .logouts
-            .entry(e.str("user").to_string())
-            .or_default()
-            .push(e.t_us),
+        "tab.logout" | "tab.logout_sent" => {
+            w.logouts
+                .push((e.str("user").to_string(), e.u64("tab"), e.t_us));
+        }
+        "tab.send" => {
+            w.tab_of_fp.insert(
+                e.str("fp").to_string(),
+                (e.str("user").to_string(), e.u64("tab")),
+            );
+        }
+        "req.admit" => {
+            let session = e.u64("session");
+            w.session_of_key.insert(e.u64("key"), session);
+            if let Some(tab) = w.tab_of_fp.get(e.str("fp")) {
+                w.sessions_of_tab
+                    .entry(tab.clone())
+                    .or_default()
+                    .insert(session);
+            }
+        }
         "tab.timeout" => {
             w.gave_up.entry(e.str("fp").to_string()).or_insert(e.t_us);
         }
         "tab.admin_sent" => {
             let user = e.str("user").to_string();
-            w.logouts.entry(user.clone()).or_default().push(e.t_us);
+            w.admin_acts.push((user.clone(), e.t_us));
             w.removed_users.insert(user);
         }
         _ => {}
@@ -302,8 +350,9 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
         }
         "upstream.attempt" => {
             let fp = e.str("fp");
+            let sent = w.sent_by(t, grace.network_us);
             let late = |at: Option<&u64>, grace_us: u64| {
-                at.copied().filter(|&c| t > c.saturating_add(grace_us))
+                at.copied().filter(|&c| sent > c.saturating_add(grace_us))
             };
             let cause = late(w.stopped_at.get(fp), grace.network_us)
                 .map(|c| (c, "the proxy released or cancelled its request"))
@@ -409,7 +458,7 @@ fn step_bytes(w: &mut Walk, e: &Event, grace: &Grace) {
         "upstream.attempt" => {
             let (fp, n) = (e.str("fp"), e.u64("attempt"));
             if let Some((key, tw, what)) = w.wrote.get(fp).cloned()
-                && t > tw.saturating_add(grace.network_us)
+                && w.sent_by(t, grace.network_us) > tw.saturating_add(grace.network_us)
             {
                 let user = w.user_of(key).to_string();
                 w.report("retry-after-bytes", t, || {
@@ -480,8 +529,9 @@ fn step_rates(w: &mut Walk, e: &Event, grace_us: u64, outside: bool) {
             }
             if let Some((sent, until)) = w.gate {
                 // Anything arriving within a round trip of the proxy reading
-                // the 429 may have been on its way already.
-                if t > sent + grace_us && t < until {
+                // the 429 (or released from a hold) may have been on its
+                // way already.
+                if w.sent_by(t, grace_us) > sent + grace_us && t < until {
                     w.report("gate-violated", t, || {
                         format!("an attempt for generation {fp} reached the upstream at {}, while the key was rate limited (the proxy read a 429 at {} that said wait until {})", secs(t), secs(sent), secs(until))
                     });
@@ -629,6 +679,7 @@ fn restarted(w: &mut Walk, t: u64) {
         w.leaked_in_restart.push(key);
     }
     w.admitted.clear();
+    w.session_of_key.clear();
     w.released.clear();
     w.answered.clear();
     w.stopped_keys.clear();
@@ -654,8 +705,18 @@ fn check_cancels(w: &mut Walk) {
         let left = [&w.abandoned_at, &w.gave_up]
             .iter()
             .any(|m| m.get(&fp).is_some_and(|at| *at <= t));
-        let logged_out = w.logouts.contains_key(&user);
-        let by_admin = matches!(reason.as_str(), "user-disabled" | "user-deleted");
+        // A logout sent before the cancel by a tab of the request's session
+        // (a tab whose requests are unknown: any tab of the user).
+        let session = w.session_of_key.get(&key).copied();
+        let logged_out = w.logouts.iter().any(|(u, tab, at)| {
+            *at <= t
+                && *u == user
+                && match w.sessions_of_tab.get(&(u.clone(), *tab)) {
+                    Some(sessions) => session.is_none_or(|s| sessions.contains(&s)),
+                    None => true,
+                }
+        });
+        let by_admin = w.admin_acts.iter().any(|(u, at)| *u == user && *at <= t);
         if left || logged_out || by_admin {
             continue;
         }
@@ -1340,20 +1401,61 @@ mod tests {
         );
         // A logout of the user ends every tab's session: right.
         let mut logout = both.clone();
-        logout.push(ev(
-            300,
-            "tab.logout",
-            json!({"user": "alice", "tab": 0, "fp": "a", "status": 200}),
-        ));
+        logout.insert(
+            3,
+            ev(
+                150,
+                "tab.logout_sent",
+                json!({"user": "alice", "tab": 0, "fp": "a"}),
+            ),
+        );
         assert!(!kinds(&logout).contains(&"wrong-cancel"));
-        // So does an administrator's disable.
+        // So does an administrator's disable (the reason alone proves nothing).
         let mut admin = base();
         admin.push(ev(
             200,
             "req.cancel",
             json!({"key": 2, "reason": "user-disabled"}),
         ));
+        assert!(kinds(&admin).contains(&"wrong-cancel"));
+        admin.insert(
+            3,
+            ev(
+                150,
+                "tab.admin_sent",
+                json!({"user": "alice", "tab": 1, "fp": "b", "action": "disable"}),
+            ),
+        );
         assert!(!kinds(&admin).contains(&"wrong-cancel"));
+        // A logout of another session of the same user: wrong (a cancel
+        // keyed by user).
+        let sessions = vec![
+            ev(0, "tab.send", json!({"user": "alice", "tab": 0, "fp": "a"})),
+            ev(0, "tab.send", json!({"user": "alice", "tab": 1, "fp": "b"})),
+            ev(
+                0,
+                "req.admit",
+                json!({"key": 1, "user": "alice", "fp": "a", "session": 7}),
+            ),
+            ev(
+                0,
+                "req.admit",
+                json!({"key": 2, "user": "alice", "fp": "b", "session": 8}),
+            ),
+            ev(
+                100,
+                "tab.logout_sent",
+                json!({"user": "alice", "tab": 0, "fp": "a"}),
+            ),
+            ev(200, "req.cancel", json!({"key": 1, "reason": "logout"})),
+            ev(200, "req.cancel", json!({"key": 2, "reason": "logout"})),
+        ];
+        let found = check(&sessions, &clean(), &GRACE);
+        let v = found
+            .iter()
+            .find(|v| v.invariant == "wrong-cancel")
+            .expect("a cancel keyed by user is caught");
+        assert!(v.message.contains("0x2"), "{}", v.message);
         // A tab that gave up waiting left too.
         let mut gave_up = base();
         gave_up.push(ev(

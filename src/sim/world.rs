@@ -550,14 +550,21 @@ impl LinkState {
         if want == *self {
             return;
         }
-        // Repairing also delivers what was held; hold again if still wanted.
+        // turmoil: a partition drops what it holds; a release delivers what
+        // a hold kept; a repair only lifts a partition.
         if want.partitioned {
             sim.partition(PROXY_HOST, UPSTREAM_HOST);
-        } else {
-            sim.repair(PROXY_HOST, UPSTREAM_HOST);
-            if want.held {
+        } else if want.held {
+            if self.partitioned {
+                sim.repair(PROXY_HOST, UPSTREAM_HOST);
+            }
+            if !self.held || self.partitioned {
                 sim.hold(PROXY_HOST, UPSTREAM_HOST);
             }
+        } else if self.held && !self.partitioned {
+            sim.release(PROXY_HOST, UPSTREAM_HOST);
+        } else {
+            sim.repair(PROXY_HOST, UPSTREAM_HOST);
         }
         events::world_link(want.partitioned, want.held);
         *self = want;
