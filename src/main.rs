@@ -310,7 +310,9 @@ struct ClassifyArgs {
 }
 
 const FUZZ_AFTER_HELP: &str = "Embedded scenarios: refresh-during-retry, streaming-refresh, burst-429, one-user-floods.\n\
-Aimed scenarios (by name): logout-during-retry, refresh-during-attempt.\n\
+Aimed scenarios (by name): logout-during-retry, refresh-during-attempt, network-faults,\n\
+slow-upstream, budget-storm, proxy-restart, disable-during-retry, two-tabs-one-session,\n\
+stream-reset.\n\
 \n\
 Each violation's schedule is shrunk to the fewest actions that still break the same\n\
 invariant and saved under --out with its trace; the printed command replays it:\n\
@@ -353,7 +355,8 @@ struct FuzzArgs {
     #[arg(long)]
     keep_going: bool,
     /// Run only shard I of N (`--shard 2/8`): seeds seed-start+I, +I+N, +I+2N, ...
-    /// Combine the shards' JSON reports with `tavernsim merge`.
+    /// (--seeds counts this shard's seeds). Combine the shards' JSON reports
+    /// with `tavernsim merge`.
     #[arg(long, value_name = "I/N", value_parser = parse_shard)]
     shard: Option<Shard>,
     /// Run every world twice and report a `nondeterminism` violation, with the
@@ -695,7 +698,9 @@ fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     };
     let tty = text && std::io::IsTerminal::is_terminal(&std::io::stderr());
     save_findings(&spec, &mut report, &opts, &mut |line| {
-        if tty {
+        if line.starts_with("warning:") {
+            eprintln!("{}tavernsim: {line}", if tty { "\r\x1b[2K" } else { "" });
+        } else if tty {
             eprint!("\r\x1b[2K{line}");
         }
     })

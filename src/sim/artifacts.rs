@@ -95,15 +95,32 @@ pub fn save_findings(
                 budget_hit: false,
             }
         };
+        let untidy = schedule.clone();
         schedule.tidy(sc.upstream.delay_ms_min);
-        let run = run_schedule(spec, finding, schedule.clone());
+        let mut run = run_schedule(spec, finding, schedule.clone());
+        let breaks = |run: &WorldRun| {
+            run.violations
+                .iter()
+                .any(|v| v.invariant == finding.invariant)
+        };
+        if !breaks(&run) {
+            // Tidying changed the world (it should not): keep it as it was.
+            schedule = untidy;
+            run = run_schedule(spec, finding, schedule.clone());
+        }
         let broke = run
             .violations
             .iter()
             .find(|v| v.invariant == finding.invariant);
+        if broke.is_none() {
+            progress(&format!(
+                "warning: {} seed {} {}: the saved schedule does not break it again (nondeterminism?)",
+                finding.scenario, finding.seed, finding.invariant
+            ));
+        }
         let stem = format!(
             "{}-seed{}-{}",
-            sanitize(&finding.scenario),
+            sanitize(&finding.origin),
             finding.seed,
             finding.invariant
         );

@@ -329,12 +329,15 @@ async fn with_logout<T>(
             return;
         };
         events::tab_admin_sent(&spec.user, spec.tab, &plan.fp, action);
-        removed.store(true, std::sync::atomic::Ordering::Relaxed);
         let body = json!({"handle": spec.user});
         let status = exchange(&admin, "POST", a.action.path(), Some(&login), Some(body))
             .await
             .map(|a| a.status.as_u16())
             .unwrap_or(0);
+        // The tab stops only once its user is known to be gone.
+        if (200..300).contains(&status) {
+            removed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         events::tab_admin(&spec.user, spec.tab, &plan.fp, action, status);
     };
     tokio::pin!(waiting, logout, admin);

@@ -64,9 +64,24 @@ impl Default for CampaignSpec {
 
 /// One part of a campaign split over several machines: `index/count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(try_from = "RawShard")]
 pub struct Shard {
     pub index: u64,
     pub count: u64,
+}
+
+/// A shard as a report file says it, checked before it is believed.
+#[derive(serde::Deserialize)]
+struct RawShard {
+    index: u64,
+    count: u64,
+}
+
+impl TryFrom<RawShard> for Shard {
+    type Error = String;
+    fn try_from(r: RawShard) -> Result<Self, String> {
+        format!("{}/{}", r.index, r.count).parse()
+    }
 }
 
 impl Default for Shard {
@@ -286,13 +301,13 @@ pub fn run_until(
     }
 }
 
-/// Keeps the first finding of each (scenario, invariant), counting the
+/// Keeps the first finding of each (scenario as named, invariant), counting the
 /// worlds that repeated it; order of first appearance.
 fn distinct(findings: impl IntoIterator<Item = Finding>) -> Vec<Finding> {
     let mut out: Vec<Finding> = Vec::new();
     let mut at = std::collections::BTreeMap::<(String, String), usize>::new();
     for f in findings {
-        let key = (f.scenario.clone(), f.invariant.clone());
+        let key = (f.origin.clone(), f.invariant.clone());
         match at.get(&key) {
             Some(&i) => out[i].worlds += f.worlds,
             None => {

@@ -78,6 +78,7 @@ pub const AIMED: &[(&str, &str)] = &[
 pub const USERS_MAX: u32 = 32;
 pub const TABS_PER_USER_MAX: u32 = 8;
 pub const GENERATIONS_PER_TAB_MAX: u32 = 100;
+pub const HEAVY_TABS_PER_USER_MAX: u32 = 64;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -295,6 +296,13 @@ impl Scenario {
         let ranges = [
             ("users", self.users, 1, USERS_MAX),
             ("tabs_per_user", self.tabs_per_user, 1, TABS_PER_USER_MAX),
+            ("heavy_users", self.heavy_users, 0, self.users),
+            (
+                "heavy_tabs_per_user",
+                self.heavy_tabs_per_user,
+                1,
+                HEAVY_TABS_PER_USER_MAX,
+            ),
             (
                 "generations_per_tab",
                 self.generations_per_tab,

@@ -9,8 +9,11 @@
 //!   and the upstream. Serialized as JSON in saved schedules.
 //! - [`strategy`]: a proptest strategy that draws a schedule from a
 //!   scenario's parameters; [`Schedule::generate`] draws one per seed.
-//! - [`shrink`]: proptest's shrinking over the same strategy, keeping a
-//!   simpler schedule whenever it still breaks the same invariant.
+//! - [`shrink`]: greedy shrinking over the concrete schedule, coarse to
+//!   fine (drop tabs, generations, refreshes; plainer answers; shorter
+//!   times), keeping a simpler schedule whenever it still breaks the same
+//!   invariant. (The strategies shrink too, toward the same simpler
+//!   values, but one pass of greedy removal is far quicker on a world.)
 //! - [`SavedSchedule`]: a schedule with its seed, scenario, variant and the
 //!   commit that found it; what `tavernsim replay --schedule` reads.
 
@@ -287,7 +290,64 @@ impl Schedule {
                     super::scenario::GENERATIONS_PER_TAB_MAX
                 ));
             }
+            if t.start_ms > TIME_MS_MAX {
+                return Err(format!(
+                    "tab {} of user {}: start_ms must be at most {TIME_MS_MAX}",
+                    t.tab, t.user
+                ));
+            }
+            let mut indices = std::collections::BTreeSet::new();
             for g in &t.generations {
+                let at = format!("generation {} of tab {} of user {}", g.index, t.tab, t.user);
+                if !indices.insert(g.index) {
+                    return Err(format!("{at} is listed twice (indices must be unique)"));
+                }
+                let times = [
+                    Some(g.think_ms),
+                    Some(g.page_load_ms),
+                    g.logout_after_ms,
+                    g.admin.map(|a| a.after_ms),
+                    match g.refresh {
+                        Some(RefreshPlan::AfterMs(ms)) => Some(ms),
+                        _ => None,
+                    },
+                ];
+                if times.iter().flatten().any(|ms| *ms > TIME_MS_MAX) {
+                    return Err(format!("{at}: every time must be at most {TIME_MS_MAX} ms"));
+                }
+                if g.admin.is_some() && sc.p_disable + sc.p_delete <= 0.0 {
+                    return Err(format!(
+                        "{at} plans an administrator's act, but the scenario has no administrator (p_disable and p_delete are 0)"
+                    ));
+                }
+                for a in &g.upstream {
+                    if a.delay_ms > TIME_MS_MAX {
+                        return Err(format!("{at}: an upstream delay_ms is over {TIME_MS_MAX}"));
+                    }
+                    match a.answer {
+                        PlannedAnswer::TooMany {
+                            retry_after_s: Some(s),
+                        } if s > RETRY_AFTER_S_MAX => {
+                            return Err(format!(
+                                "{at}: retry_after_s = {s} is over {RETRY_AFTER_S_MAX}"
+                            ));
+                        }
+                        PlannedAnswer::StreamReset { after_chunks }
+                            if after_chunks >= sc.upstream.stream_chunks =>
+                        {
+                            return Err(format!(
+                                "{at}: a stream-reset's after_chunks must be below the scenario's stream_chunks ({})",
+                                sc.upstream.stream_chunks
+                            ));
+                        }
+                        PlannedAnswer::ServerError { status } if !(500..=599).contains(&status) => {
+                            return Err(format!(
+                                "{at}: a server-error status must be within 500..=599, not {status}"
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
                 if let Some(RefreshPlan::AtPhase { phase, .. }) = &g.refresh
                     && !aimable_phases().any(|p| p == phase)
                 {
@@ -311,9 +371,23 @@ impl Schedule {
         if self.faults.len() > FAULTS_MAX {
             return Err(format!("more than {FAULTS_MAX} faults"));
         }
+        if self
+            .faults
+            .iter()
+            .any(|f| f.at_ms > TIME_MS_MAX || f.for_ms > TIME_MS_MAX)
+        {
+            return Err(format!(
+                "a fault's at_ms and for_ms must be at most {TIME_MS_MAX}"
+            ));
+        }
         Ok(())
     }
 }
+
+/// Largest time a saved schedule may name (one simulated day).
+pub const TIME_MS_MAX: u64 = 24 * 3_600_000;
+/// Largest `Retry-After` a saved schedule may name (as the scripts allow).
+pub const RETRY_AFTER_S_MAX: u64 = 3_600;
 
 /// Attempts planned per generation at the most.
 pub const ATTEMPTS_PLANNED_MAX: usize = 64;

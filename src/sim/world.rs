@@ -333,7 +333,14 @@ fn build_sim(
             } else {
                 None
             };
-            let tabs = plans.into_iter().map(|plan| {
+            // Tabs sharing a session already waited for the first of them.
+            let waited = if shared.is_some() {
+                plans.iter().map(|p| p.start_ms).min().unwrap_or(0)
+            } else {
+                0
+            };
+            let tabs = plans.into_iter().map(|mut plan| {
+                plan.start_ms = plan.start_ms.saturating_sub(waited);
                 let spec = spec_of(plan.tab);
                 let sc = Arc::clone(&sc);
                 let shared = shared.clone();
