@@ -125,6 +125,7 @@ pub enum RefreshPlan {
     AfterMs(u64),
     /// Just after the upstream answered an attempt of this generation with
     /// a 429 (the moment a retry timer is armed).
+    #[serde(rename = "after-429", alias = "after429")]
     After429,
     /// As the proxy's request enters `phase` (a phase of the request table,
     /// or "after-release") for the `nth` time: `sending` 2 is the retry
