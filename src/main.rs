@@ -725,14 +725,18 @@ fn fuzz(args: FuzzArgs) -> anyhow::Result<ExitCode> {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
         Format::Text => print_report(&report, spec.stop_on_first),
     }
+    Ok(exit_code(&report))
+}
+
+/// fuzz's and merge's exit status: 3 a harness error, 1 a violation, else 0.
+fn exit_code(report: &Report) -> ExitCode {
     if !report.harness_errors.is_empty() {
-        return Ok(ExitCode::from(3));
-    }
-    Ok(if report.violations.is_empty() {
+        ExitCode::from(3)
+    } else if report.violations.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
+    }
 }
 
 /// `command` ("tavernsim ...") as this binary was invoked (for example
@@ -939,14 +943,7 @@ fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
             merged.shard.count
         );
     }
-    if !merged.harness_errors.is_empty() {
-        return Ok(ExitCode::from(3));
-    }
-    Ok(if merged.violations.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(exit_code(&merged))
 }
 
 /// Largest body or cases file `classify` reads.

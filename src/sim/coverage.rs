@@ -28,33 +28,38 @@ pub fn refreshes_per_phase(events: &[Event]) -> BTreeMap<String, u64> {
     let mut phase: BTreeMap<String, &'static str> = BTreeMap::new();
     let mut fp_of: BTreeMap<u64, String> = BTreeMap::new();
     for e in events {
-        let key = e.u64("key");
-        match e.kind.as_str() {
-            "req.admit" => {
-                fp_of.insert(key, e.str("fp").to_string());
-                phase.insert(e.str("fp").to_string(), "admitted");
-            }
-            "req.phase" => {
-                if let (Some(fp), Some(p)) = (
-                    fp_of.get(&key),
-                    PHASE_NAMES.iter().find(|p| **p == e.str("to")),
-                ) {
-                    phase.insert(fp.clone(), p);
-                }
-            }
-            "req.release" => {
-                if let Some(fp) = fp_of.get(&key) {
-                    phase.insert(fp.clone(), "after-release");
-                }
-            }
-            "tab.abandon" => {
-                let at = phase.get(e.str("fp")).copied().unwrap_or("before-admit");
-                *out.entry(at.to_string()).or_default() += 1;
-            }
-            _ => {}
+        if let Some((fp, p)) = phase_change(&mut fp_of, e) {
+            phase.insert(fp, p);
+        } else if e.kind == "tab.abandon" {
+            let at = phase.get(e.str("fp")).copied().unwrap_or("before-admit");
+            *out.entry(at.to_string()).or_default() += 1;
         }
     }
     out
+}
+
+/// The phase a request enters with `e`, by its fingerprint: "admitted" at
+/// `req.admit`, the table's phase at `req.phase`, "after-release" at
+/// `req.release`. `fp_of` (key -> fingerprint of live requests) is kept up
+/// to date.
+pub fn phase_change(
+    fp_of: &mut BTreeMap<u64, String>,
+    e: &Event,
+) -> Option<(String, &'static str)> {
+    match e.kind.as_str() {
+        "req.admit" => {
+            let fp = e.str("fp").to_string();
+            fp_of.insert(e.u64("key"), fp.clone());
+            Some((fp, "admitted"))
+        }
+        "req.phase" => {
+            let fp = fp_of.get(&e.u64("key"))?;
+            let p = PHASE_NAMES.iter().find(|p| **p == e.str("to"))?;
+            Some((fp.clone(), *p))
+        }
+        "req.release" => fp_of.remove(&e.u64("key")).map(|fp| (fp, "after-release")),
+        _ => None,
+    }
 }
 
 /// Adds `b` into `a`.

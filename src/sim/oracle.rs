@@ -209,6 +209,7 @@ pub fn check(events: &[Event], ending: &Ending, grace: &Grace) -> Vec<Violation>
     let mut w = Walk::default();
     for e in events {
         step(&mut w, e, grace);
+        step_cancels(&mut w, e);
         step_bytes(&mut w, e, grace);
         step_rates(&mut w, e, grace.client_gone_us, ending.outside);
         step_budget(&mut w, e);
@@ -242,40 +243,6 @@ fn step(w: &mut Walk, e: &Event, grace: &Grace) {
     if e.kind == "world.restart" && !e.bool("up") {
         restarted(w, e.t_us);
         return;
-    }
-    match e.kind.as_str() {
-        "req.cancel" => w
-            .cancels
-            .push((e.u64("key"), e.t_us, e.str("reason").to_string())),
-        "tab.logout" | "tab.logout_sent" => {
-            w.logouts
-                .push((e.str("user").to_string(), e.u64("tab"), e.t_us));
-        }
-        "tab.send" => {
-            w.tab_of_fp.insert(
-                e.str("fp").to_string(),
-                (e.str("user").to_string(), e.u64("tab")),
-            );
-        }
-        "req.admit" => {
-            let session = e.u64("session");
-            w.session_of_key.insert(e.u64("key"), session);
-            if let Some(tab) = w.tab_of_fp.get(e.str("fp")) {
-                w.sessions_of_tab
-                    .entry(tab.clone())
-                    .or_default()
-                    .insert(session);
-            }
-        }
-        "tab.timeout" => {
-            w.gave_up.entry(e.str("fp").to_string()).or_insert(e.t_us);
-        }
-        "tab.admin_sent" => {
-            let user = e.str("user").to_string();
-            w.admin_acts.push((user.clone(), e.t_us));
-            w.removed_users.insert(user);
-        }
-        _ => {}
     }
     if matches!(
         e.kind.as_str(),
@@ -687,6 +654,45 @@ fn restarted(w: &mut Walk, t: u64) {
     w.retry_decided.clear();
     w.gate = None;
     w.hinted.clear();
+}
+
+/// What `wrong-cancel` needs: who cancelled what, which tab sent what in
+/// which session, and who asked for a stop (logouts, admins, timeouts).
+fn step_cancels(w: &mut Walk, e: &Event) {
+    match e.kind.as_str() {
+        "req.cancel" => w
+            .cancels
+            .push((e.u64("key"), e.t_us, e.str("reason").to_string())),
+        "tab.logout" | "tab.logout_sent" => {
+            w.logouts
+                .push((e.str("user").to_string(), e.u64("tab"), e.t_us));
+        }
+        "tab.send" => {
+            w.tab_of_fp.insert(
+                e.str("fp").to_string(),
+                (e.str("user").to_string(), e.u64("tab")),
+            );
+        }
+        "req.admit" => {
+            let session = e.u64("session");
+            w.session_of_key.insert(e.u64("key"), session);
+            if let Some(tab) = w.tab_of_fp.get(e.str("fp")) {
+                w.sessions_of_tab
+                    .entry(tab.clone())
+                    .or_default()
+                    .insert(session);
+            }
+        }
+        "tab.timeout" => {
+            w.gave_up.entry(e.str("fp").to_string()).or_insert(e.t_us);
+        }
+        "tab.admin_sent" => {
+            let user = e.str("user").to_string();
+            w.admin_acts.push((user.clone(), e.t_us));
+            w.removed_users.insert(user);
+        }
+        _ => {}
+    }
 }
 
 /// `wrong-cancel`: the proxy cancelled a request that no one asked to stop.

@@ -208,24 +208,7 @@ impl Recorder {
         if e.t_us == u64::MAX {
             e.t_us = inner.events.last().map(|l| l.t_us).unwrap_or(0);
         }
-        let note = match e.kind.as_str() {
-            "req.admit" => {
-                let fp = e.str("fp").to_string();
-                inner.fp_of.insert(e.u64("key"), fp.clone());
-                Some((fp, "admitted"))
-            }
-            "req.phase" => inner.fp_of.get(&e.u64("key")).and_then(|fp| {
-                crate::proxy::requests::PHASE_NAMES
-                    .iter()
-                    .find(|p| **p == e.str("to"))
-                    .map(|p| (fp.clone(), *p))
-            }),
-            "req.release" => inner
-                .fp_of
-                .remove(&e.u64("key"))
-                .map(|fp| (fp, "after-release")),
-            _ => None,
-        };
+        let note = super::coverage::phase_change(&mut inner.fp_of, &e);
         if let Some((fp, phase)) = note {
             // Nobody listening is fine.
             let _ = self.phases.send(PhaseNote { fp, phase });

@@ -180,13 +180,7 @@ pub type Planned = Arc<dyn Fn(&str, u32) -> Option<(Answer, Duration)> + Send + 
 
 impl MockUpstream {
     pub fn new(script: UpstreamScript, seed: u64) -> Arc<Self> {
-        Arc::new(Self {
-            script,
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
-            attempts: Mutex::new(BTreeMap::new()),
-            notes: tokio::sync::broadcast::channel(NOTES_CAPACITY).0,
-            planned: None,
-        })
+        Self::build(script, seed, Self::notes_channel(), None)
     }
 
     /// A mock whose every answer is planned (see [`Planned`]), telling
@@ -196,13 +190,7 @@ impl MockUpstream {
         planned: Planned,
         notes: tokio::sync::broadcast::Sender<MockNote>,
     ) -> Arc<Self> {
-        Arc::new(Self {
-            script,
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
-            attempts: Mutex::new(BTreeMap::new()),
-            notes,
-            planned: Some(planned),
-        })
+        Self::build(script, 0, notes, Some(planned))
     }
 
     /// A mock that tells `notes` about every attempt (shared with tabs that
@@ -212,12 +200,21 @@ impl MockUpstream {
         seed: u64,
         notes: tokio::sync::broadcast::Sender<MockNote>,
     ) -> Arc<Self> {
+        Self::build(script, seed, notes, None)
+    }
+
+    fn build(
+        script: UpstreamScript,
+        seed: u64,
+        notes: tokio::sync::broadcast::Sender<MockNote>,
+        planned: Option<Planned>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             script,
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             attempts: Mutex::new(BTreeMap::new()),
             notes,
-            planned: None,
+            planned,
         })
     }
 
